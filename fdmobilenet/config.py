@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file, the key and what was expected."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``4e-05`` as a number. PyYAML follows YAML 1.1, where a float needs a dot, so
+    exponent-only numbers (what ``json.dump`` writes for 4e-5) would otherwise arrive as strings and a JSON
+    config would not be valid YAML after all."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _parse_yaml(text_or_stream: Any) -> Any:
+    return yaml.load(text_or_stream, Loader=_Loader)
 
 
 @dataclass
@@ -229,7 +245,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
                           f"from {CONFIG_DIR})")
     try:
         with open(p) as f:
-            return yaml.safe_load(f)
+            return _parse_yaml(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML/JSON: {e}") from e
 
@@ -254,6 +270,18 @@ def load_family(family: str, ref: str | dict, base: Path | None = None) -> Any:
         return build(cls, ref, f"inline '{family}' section", family)
     path = resolve_path(ref, family, base)
     return build(cls, read_yaml(path), str(path), family)
+
+
+def load_model_ref(ref: str) -> ModelConfig:
+    """A model named on a command line: a plain width multiplier (``0.25``) or a model config (a name in
+    configs/model/ or a path)."""
+    try:
+        width = float(ref)
+    except ValueError:
+        return load_family("model", ref)
+    if not 0 < width < float("inf"):
+        raise ConfigError(f"model '{ref}': a width multiplier must be positive (e.g. 0.25, 0.5, 1)")
+    return ModelConfig(name=f"{width:g}x-FDMobileNet-224", width_mult=width)
 
 
 def load_experiment(path: str | None = None, *, data: str | None = None, model: str | None = None,
@@ -297,7 +325,11 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> None:
         if section not in FAMILIES:
             raise ConfigError(f"{where}: unknown section '{section}'; valid: {', '.join(FAMILIES)}")
         current = dataclasses.asdict(getattr(exp, section))
-        current[key] = yaml.safe_load(text) if text != "" else ""
+        try:
+            current[key] = _parse_yaml(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, "problem", None) or e}); "
+                              f"quote strings, write lists as [a, b]") from e
         setattr(exp, section, build(FAMILIES[section], current, where, section))
 
 
