@@ -328,7 +328,7 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> None:
         try:
             current[key] = _parse_yaml(text) if text != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, "problem", None) or e}); "
+            raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
                               f"quote strings, write lists as [a, b]") from e
         setattr(exp, section, build(FAMILIES[section], current, where, section))
 
