@@ -1,0 +1,112 @@
+"""Pack one ImageFolder split into webdataset tar shards with DALI index files.
+
+    python -m pipelines.pack --src data/x/train --dst data/x-wds/train --shard-size 1000 [--prefix train]
+
+Output layout (what the webdataset loader reads):
+
+    DST/{prefix}-000000.tar   members, in ImageFolder order: 00000000.jpg 00000000.cls 00000001.jpg ...
+    DST/{prefix}-000000.idx   DALI's index for that shard (written by DALI's own wds2idx.IndexCreator)
+    DST/classes.json          JSON list of class names; position = class index
+
+Keys are the sample's position in torchvision's ImageFolder listing of SRC (8 digits, so no dots and they
+sort in order across shards); ``.cls`` holds the class index as ASCII digits, the index ImageFolder gives
+(sorted folder names). The first line of each ``.idx`` is ``v1.2 <samples in shard>``. The ``.jpg`` member
+is the source file's bytes unchanged (a PNG that is named .jpg stays a PNG: the decoders read content, not
+names; ``python -m pipelines.verify`` lists such files).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from pipelines.imagefolder import list_samples
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0   # fixed metadata: same input, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(task: tuple[str, str, int, list[tuple[str, int]]]) -> tuple[str, int, list[str]]:
+    """Write one ``.tar`` + ``.idx``; returns (tar path, samples, paths that are not JPEG)."""
+    from wds2idx import IndexCreator   # ships with nvidia-dali: the index is in exactly the format DALI reads
+
+    tar_path, idx_path, first_key, samples = task
+    not_jpeg = []
+    tmp = tar_path + ".tmp"
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for k, (path, label) in enumerate(samples):
+            data = Path(path).read_bytes()
+            if not data.startswith(JPEG_MAGIC):
+                not_jpeg.append(path)
+            key = f"{first_key + k:08d}"
+            _add_member(tar, f"{key}.jpg", data)
+            _add_member(tar, f"{key}.cls", str(label).encode("ascii"))
+    os.replace(tmp, tar_path)
+    with IndexCreator(tar_path, idx_path, verbose=False) as creator:
+        creator.create_index()
+    return tar_path, len(samples), not_jpeg
+
+
+def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None = None,
+         workers: int | None = None, overwrite: bool = False) -> dict:
+    """Pack ImageFolder split ``src`` into shards under ``dst``; returns a summary dict."""
+    src, dst = Path(src), Path(dst)
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: not a directory (give one split of an ImageFolder tree, e.g. "
+                                f"data/x/train)")
+    prefix = prefix or src.name
+    classes, samples = list_samples(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    old = sorted(dst.glob(f"{prefix}-*.tar")) + sorted(dst.glob(f"{prefix}-*.idx"))
+    if old and not overwrite:
+        raise FileExistsError(f"{dst} already holds {len(old)} shard/index files named {prefix}-*; "
+                              f"remove them or pass --overwrite")
+    for f in old:
+        f.unlink()
+    tasks = [(str(dst / f"{prefix}-{n:06d}.tar"), str(dst / f"{prefix}-{n:06d}.idx"), start,
+              samples[start:start + shard_size])
+             for n, start in enumerate(range(0, len(samples), shard_size))]
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks)))
+    if workers == 1:
+        results = [write_shard(t) for t in tasks]
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = pool.map(write_shard, tasks, chunksize=1)
+    (dst / "classes.json").write_text(json.dumps(classes) + "\n")
+    not_jpeg = [p for _, _, bad in results for p in bad]
+    return {"shards": [r[0] for r in results], "samples": len(samples), "classes": len(classes),
+            "not_jpeg": not_jpeg}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", required=True, help="one ImageFolder split, e.g. data/x/train")
+    ap.add_argument("--dst", required=True, help="output directory for the shards, e.g. data/x-wds/train")
+    ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    ap.add_argument("--prefix", default=None, help="shard name prefix (default: SRC's folder name)")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite)
+    for p in summary["not_jpeg"]:
+        print(f"warning: {p}: not a JPEG (packed unchanged; the decoders read it by content)", file=sys.stderr)
+    print(f"packed {summary['samples']} samples, {summary['classes']} classes into {len(summary['shards'])} "
+          f"shards under {args.dst} ({time.perf_counter() - t0:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
