@@ -1,0 +1,39 @@
+"""Data loaders behind one batch interface (see pipelines.base.BatchLoader); ``build_loader`` picks one."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fdmobilenet.config import DataConfig
+from pipelines.base import BatchLoader, CorruptImageError, DataError
+
+__all__ = ["build_loader", "BatchLoader", "DataError", "CorruptImageError"]
+
+
+def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 local_rank: int = 0, device: torch.device, epochs_hint: Optional[int] = None) -> BatchLoader:
+    """The ``split`` ('train' | 'val') loader named by ``data.loader`` (dali | torchvision | synthetic).
+
+    ``batch_size`` is per rank; ``rank`` is the global rank (the shard this process reads), ``world_size``
+    the number of shards, ``local_rank`` the GPU on this node (DALI's device_id; ignored on CPU). 'dali'
+    runs mixed/GPU ops when ``device.type == 'cuda'`` and the same graph on the CPU otherwise.
+    ``epochs_hint`` is part of the interface for loaders that plan whole runs; none of these needs it.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if data.loader == "dali":
+        from pipelines.dali import DaliLoader   # DALI is optional: import it only when asked for
+        return DaliLoader(data, split, batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
+                          device=device)
+    if data.loader == "torchvision":
+        from pipelines.torchvision_loader import TorchvisionLoader
+        return TorchvisionLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)
+    if data.loader == "synthetic":
+        from pipelines.synthetic import SyntheticLoader
+        return SyntheticLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)
+    raise ValueError(f"data.loader must be dali, torchvision or synthetic, got {data.loader!r}")

@@ -1,0 +1,291 @@
+"""DALI loader: one pipeline graph for GPU (mixed decode, GPU ops) and CPU (every op on the CPU).
+
+Train (data.train_crop):
+  random_resized  decode a random crop (area data.scale, aspect data.ratio) -> resize to crop_size
+  random          decode -> resize shorter side to train_resize -> random crop_size crop
+  then colour jitter (data.color_jitter, see :func:`color_jitter`), random horizontal flip (data.hflip),
+  normalise with mean/std x 255, cast to the hand-over dtype, HWC layout.
+Val: decode -> resize shorter side to val_resize -> centre crop val_crop -> normalise.
+
+The reader is the only thing the layouts change: ``fn.readers.file`` over the ImageFolder listing
+(torchvision's own ``find_classes``/``make_dataset``, so labels equal ImageFolder's) or
+``fn.readers.webdataset`` over ``{split}/*.tar`` shards with their DALI ``.idx`` files (pipelines.pack).
+
+Sharding: shard_id = global rank, num_shards = world size, pad_last_batch=True, and the iterator is told
+the reader's name, so it knows the shard sizes and removes the padding duplicates. Train shuffles the whole
+dataset every epoch (``shuffle_after_epoch``: one permutation per epoch, the same on every rank since the
+seed is shared, each rank reading its own slice, so ranks stay disjoint); val reads a fixed slice per rank
+(``stick_to_shard``) so every image is counted exactly once across ranks.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from fdmobilenet.config import DataConfig
+from pipelines.base import (BatchLoader, CorruptImageError, DataError,
+                            folder_samples, image_dtype, nchw_channels_last, shard_bounds, split_dir,
+                            train_steps)
+
+READER = "Reader"
+OUTPUTS = ["images", "labels"]
+_DALI_DTYPE = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #\d+ : (.+)")
+MAX_CLASS_DIGITS = 8   # .cls members hold the class index as ASCII digits (pipelines.pack)
+
+
+# --------------------------------------------------------------------------------------------- the graph
+def color_jitter(images, brightness: float, contrast: float, saturation: float, hue: float):
+    """torchvision ColorJitter(b, c, s, h) as one ``fn.color_twist``: brightness, contrast and saturation
+    factors uniform in [max(0, 1 - x), 1 + x], hue shift uniform in [-h, h] of the colour circle
+    (= +-360 h degrees). Differences from torchvision: a fixed order (torchvision permutes the four per
+    image) and contrast pivots on mid-grey (128) instead of the image's mean grey."""
+    def factor(x):
+        return fn.random.uniform(range=[max(0.0, 1.0 - x), 1.0 + x]) if x > 0 else 1.0
+    return fn.color_twist(images, brightness=factor(brightness), contrast=factor(contrast),
+                          saturation=factor(saturation),
+                          hue=fn.random.uniform(range=[-360.0 * hue, 360.0 * hue]) if hue > 0 else 0.0)
+
+
+def ascii_to_label(cls_bytes):
+    """A ``.cls`` member (ASCII digits, e.g. b"417") -> int64 scalar, computed in the graph (no Python
+    callback): pad to MAX_CLASS_DIGITS with a non-digit, then Horner's rule over the digit positions."""
+    padded = fn.pad(cls_bytes, fill_value=255, shape=[MAX_CLASS_DIGITS], axes=[0])
+    value = types.Constant(0, dtype=types.INT64)
+    for i in range(MAX_CLASS_DIGITS):
+        byte = fn.cast(padded[i], dtype=types.INT64)
+        is_digit = (byte >= 48) & (byte <= 57)
+        value = value + fn.cast(is_digit, dtype=types.INT64) * (value * 9 + byte - 48)
+    return value
+
+
+@pipeline_def
+def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, num_shards: int,
+                   out_dtype, shuffle_seed: int, files: Optional[list[str]] = None,
+                   labels: Optional[list[int]] = None, tars: Optional[list[str]] = None,
+                   indices: Optional[list[str]] = None):
+    """The train or val graph; ``device`` is 'gpu' (mixed decode, GPU ops) or 'cpu'. The reader reads
+    ``files``/``labels`` (ImageFolder) or ``tars``/``indices`` (webdataset); nothing else differs."""
+    shard = dict(name=READER, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+                 dont_use_mmap=data.dont_use_mmap)
+    if train:
+        shard.update(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed)
+    else:
+        shard.update(stick_to_shard=True)
+    if tars is None:
+        jpegs, label = fn.readers.file(files=files, labels=labels, **shard)
+        label = fn.cast(label, dtype=types.INT64)
+    else:
+        # webdataset's shuffle_after_epoch permutes whole tars; the buffer shuffle mixes within them
+        jpegs, cls = fn.readers.webdataset(paths=tars, index_paths=indices, ext=["jpg", "cls"],
+                                           missing_component_behavior="error", random_shuffle=train,
+                                           **shard)
+        label = ascii_to_label(cls)
+
+    decode = dict(device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if device == "gpu":
+        decode.update(hw_decoder_load=data.hw_decoder_load,
+                      preallocate_width_hint=data.preallocate_width_hint,
+                      preallocate_height_hint=data.preallocate_height_hint)
+    crop = {}
+    if train and data.train_crop == "random_resized":
+        images = fn.decoders.image_random_crop(jpegs, random_area=list(data.scale),
+                                               random_aspect_ratio=list(data.ratio), **decode)
+        images = fn.resize(images, resize_x=data.crop_size, resize_y=data.crop_size)
+    elif train:
+        images = fn.resize(fn.decoders.image(jpegs, **decode), resize_shorter=data.train_resize)
+        crop = dict(crop=(data.crop_size, data.crop_size), crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                    crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+    else:
+        images = fn.resize(fn.decoders.image(jpegs, **decode), resize_shorter=data.val_resize)
+        crop = dict(crop=(data.val_crop, data.val_crop))          # centred: crop_pos defaults to 0.5
+    if train and data.color_jitter:
+        images = color_jitter(images, *data.color_jitter)
+    images = fn.crop_mirror_normalize(
+        images, dtype=out_dtype, output_layout="HWC",
+        mean=[255.0 * m for m in data.mean], std=[255.0 * s for s in data.std],
+        mirror=fn.random.coin_flip(probability=0.5) if train and data.hflip else 0, **crop)
+    return images, (label.gpu() if device == "gpu" else label)
+
+
+# --------------------------------------------------------------------------------------------- listings
+def webdataset_shards(data: DataConfig, split: str) -> tuple[list[str], list[str], int]:
+    """``(tars, index files, samples)`` of ``{root}/{split}`` as written by ``python -m pipelines.pack``."""
+    folder = split_dir(data, split)
+    made_by = (f"expected {folder}/<prefix>-NNNNNN.tar each with its DALI index <prefix>-NNNNNN.idx, made by "
+               f"`python -m pipelines.pack --src <ImageFolder split> --dst {folder}`")
+    tars = sorted(folder.glob("*.tar")) if folder.is_dir() else []
+    if not tars:
+        raise DataError(f"no webdataset shards in {folder} ({'missing folder' if not folder.is_dir() else 'no .tar'}"
+                        f"); {made_by}, or set data.layout=folder")
+    total, indices = 0, []
+    for tar in tars:
+        idx = tar.with_suffix(".idx")
+        if not idx.is_file():
+            raise DataError(f"{tar} has no index file {idx}; {made_by} (or DALI's `wds2idx {tar} {idx}`)")
+        header = idx.read_text().split("\n", 1)[0].split()
+        if len(header) != 2 or not header[1].isdigit():
+            raise DataError(f"{idx}: first line is {' '.join(header)!r}, expected 'v1.2 <samples>'; {made_by}")
+        total += int(header[1])
+        indices.append(str(idx))
+    classes_file = folder / "classes.json"
+    if classes_file.is_file():
+        n_classes = len(json.loads(classes_file.read_text()))
+        if n_classes != data.num_classes:
+            raise DataError(f"{classes_file} lists {n_classes} classes but data.num_classes is "
+                            f"{data.num_classes}; set data.num_classes={n_classes}")
+    return [str(t) for t in tars], indices, total
+
+
+# ---------------------------------------------------------------------------------------------- loader
+class DaliLoader(BatchLoader):
+    """DALI pipeline + DALIGenericIterator behind the BatchLoader interface.
+
+    Train yields ``len(self)`` full batches per epoch on every rank (the smallest rank's full batches;
+    the few images past them are read and dropped, different ones each epoch). Val yields every image of
+    this rank's slice once; its last batch may be smaller.
+    """
+
+    def __init__(self, data: DataConfig, split: str, batch_size: int, *, rank: int, world_size: int,
+                 local_rank: int, device: torch.device):
+        if data.on_corrupt == "skip" and data.layout == "webdataset":
+            raise DataError("data.on_corrupt=skip works for data.layout=folder only: the shards cannot be "
+                            "filtered while reading; run `python -m pipelines.verify` on the ImageFolder and "
+                            "pack again without the bad files")
+        self.data, self.split, self.batch_size, self.device = data, split, batch_size, device
+        self.train = split == "train"
+        self.rank, self.world_size = rank, world_size
+        self.device_id = (device.index if device.index is not None else local_rank) \
+            if device.type == "cuda" else None
+        self.dtype = image_dtype(data, device)
+        if data.layout == "webdataset":
+            tars, indices, total = webdataset_shards(data, split)
+            self._reader_input = dict(tars=tars, indices=indices)
+        else:
+            _, samples = folder_samples(data, split)
+            total = len(samples)
+            self._reader_input = dict(files=[p for p, _ in samples], labels=[label for _, label in samples])
+        self.dataset_size = total
+        where = f"{split_dir(data, split)} ({data.layout})"
+        if self.train:
+            self._steps = train_steps(total, batch_size, world_size, where)
+            self.num_samples = self._steps * batch_size
+        else:
+            begin, end = shard_bounds(total, rank, world_size)
+            if end == begin:
+                raise DataError(f"{where}: {total} validation images for {world_size} ranks leaves rank "
+                                f"{rank} none; use fewer ranks")
+            self.num_samples = end - begin
+            self._steps = math.ceil(self.num_samples / batch_size)
+        self._iterator: Optional[DALIGenericIterator] = None
+        self._epoch = 0
+        self._shuffle_seed = data.seed
+        self._restore: Optional[dict] = None   # state to resume from at the next build
+        self._steps_done = 0                   # of the current train epoch (for mid-epoch state)
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def set_epoch(self, epoch: int) -> None:
+        # DALI reshuffles by itself after each epoch. Before the first build the epoch picks the shuffle
+        # seed, so a run resumed without reader state does not replay epoch 0's order.
+        if self._iterator is None and self._restore is None:
+            self._shuffle_seed = self.data.seed + epoch
+        self._epoch = epoch
+
+    # ---------------------------------------------------------------------------------------- building
+    def _build(self) -> DALIGenericIterator:
+        checkpoint = None
+        if self._restore is not None:
+            checkpoint = base64.b64decode(self._restore["dali"])
+            self._shuffle_seed = self._restore["shuffle_seed"]
+            self._steps_done = self._restore["steps_done"]
+            self._restore = None
+        pipe = image_pipeline(
+            data=self.data, train=self.train, device="gpu" if self.device_id is not None else "cpu",
+            shard_id=self.rank, num_shards=self.world_size, out_dtype=_DALI_DTYPE[self.dtype],
+            shuffle_seed=self._shuffle_seed, **self._reader_input,
+            batch_size=self.batch_size, num_threads=self.data.num_threads, device_id=self.device_id,
+            seed=self.data.seed + self.rank,         # augmentation differs per rank; the shuffle does not
+            prefetch_queue_depth=self.data.prefetch_queue_depth,
+            enable_checkpointing=self.train, checkpoint=checkpoint)
+        with self._naming_bad_files():
+            pipe.build()
+            return DALIGenericIterator([pipe], OUTPUTS, reader_name=READER, auto_reset=True,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    @contextlib.contextmanager
+    def _naming_bad_files(self):
+        """Turn DALI's decode failure into a CorruptImageError that names the file (DALI reports the path
+        it read the sample from); any DALI error leaves the pipeline unusable, so it is dropped."""
+        try:
+            yield
+        except CorruptImageError:
+            raise
+        except RuntimeError as exc:
+            self._iterator = None
+            match = _DECODE_FAILURE.search(str(exc))
+            if match is None:
+                raise
+            folder = split_dir(self.data, self.split)
+            raise CorruptImageError(
+                f"cannot decode {match.group(1).strip()} (truncated or corrupt image) while reading {folder}; "
+                f"replace or delete it, or set data.on_corrupt=skip. `python -m pipelines.verify {folder}` "
+                f"lists every bad file") from exc
+
+    # --------------------------------------------------------------------------------------- iterating
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterator is None:
+            self._iterator = self._build()
+        step = self._steps_done if self.train else 0
+        while True:
+            with self._naming_bad_files():
+                try:
+                    batch = next(self._iterator)[0]
+                except StopIteration:
+                    break
+            images, labels = batch["images"], batch["labels"]
+            if images.shape[0] == 0:     # a rank whose slice ended a batch earlier: padding only
+                continue
+            if self.train and step >= self._steps:
+                continue                  # past the common step count: read to the epoch end, drop
+            step += 1
+            self._steps_done = step if self.train else 0
+            yield nchw_channels_last(images), labels.view(-1)
+        self._steps_done = 0
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Train: the DALI reader/RNG checkpoint (where the next batch comes from); val: ``{}``."""
+        if not self.train:
+            return {}
+        if self._iterator is None:
+            return dict(self._restore) if self._restore else {}
+        checkpoint = self._iterator.checkpoints()[0]
+        if isinstance(checkpoint, str):
+            checkpoint = checkpoint.encode("latin-1")
+        # base64 text: loads under torch.load(weights_only=True)
+        return {"dali": base64.b64encode(checkpoint).decode("ascii"), "shuffle_seed": self._shuffle_seed,
+                "steps_done": self._steps_done, "epoch": self._epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; the next ``iter()`` continues where it was taken (mid-epoch: the
+        remaining ``len(self) - state['steps_done']`` batches of that epoch)."""
+        if not state:
+            return
+        missing = {"dali", "shuffle_seed", "steps_done"} - set(state)
+        if missing or not self.train:
+            raise ValueError(f"DALI {self.split} loader state needs keys dali, shuffle_seed, steps_done; got "
+                             f"{sorted(state)}")
+        self._iterator = None
+        self._restore = dict(state)
+        self._epoch = state.get("epoch", self._epoch)

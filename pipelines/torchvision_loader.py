@@ -1,0 +1,96 @@
+"""Baseline loader: torchvision ImageFolder + DataLoader with the same augmentation as the DALI graph.
+
+Workers decode and augment with PIL and hand over uint8 CHW tensors (a quarter of the bytes of float32);
+the conversion to float, the mean/std normalisation, the dtype and channels_last happen after the
+(non-blocking, pinned) transfer to the device, on the GPU when there is one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from fdmobilenet.config import DataConfig
+from pipelines.base import BatchLoader, folder_samples, image_dtype, shard_bounds, split_dir, train_steps
+
+
+def train_transform(data: DataConfig) -> T.Compose:
+    if data.train_crop == "random_resized":
+        ops = [T.RandomResizedCrop(data.crop_size, scale=data.scale, ratio=data.ratio)]
+    else:
+        ops = [T.Resize(data.train_resize), T.RandomCrop(data.crop_size)]
+    if data.color_jitter:
+        ops.append(T.ColorJitter(*data.color_jitter))
+    if data.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    return T.Compose(ops + [T.PILToTensor()])
+
+
+def val_transform(data: DataConfig) -> T.Compose:
+    return T.Compose([T.Resize(data.val_resize), T.CenterCrop(data.val_crop), T.PILToTensor()])
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder over the listing that pipelines.base checked (clear errors for missing or
+    empty folders; ``on_corrupt: skip`` applied) - the same files, order and labels as the DALI reader."""
+
+    def __init__(self, data: DataConfig, split: str, transform):
+        self._checked = folder_samples(data, split)[1]
+        super().__init__(str(split_dir(data, split)), transform)
+
+    def make_dataset(self, *args, **kwargs) -> list[tuple[str, int]]:
+        return self._checked
+
+
+class TorchvisionLoader(BatchLoader):
+    """ImageFolder + DistributedSampler (rank, world_size; reshuffled by ``set_epoch``) + DataLoader with
+    ``data.num_threads`` persistent workers. Train drops the last partial batch; val keeps it, and its
+    sampler is not padded, so every image is counted exactly once across ranks."""
+
+    def __init__(self, data: DataConfig, split: str, batch_size: int, *, rank: int, world_size: int,
+                 device: torch.device):
+        self.batch_size, self.device = batch_size, device
+        self.dtype = image_dtype(data, device)
+        train = split == "train"
+        dataset = CheckedImageFolder(data, split, train_transform(data) if train else val_transform(data))
+        samples = dataset.samples
+        total = len(samples)
+        where = f"{split_dir(data, split)} (torchvision)"
+        if train:
+            self._steps = train_steps(total, batch_size, world_size, where)
+            self.num_samples = self._steps * batch_size
+            # drop_last: every rank gets total // world_size indices (the smallest share), as DALI's train
+            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=data.seed,
+                                              drop_last=True)
+        else:
+            begin, end = shard_bounds(total, rank, world_size)
+            self.num_samples = end - begin
+            self._steps = math.ceil(self.num_samples / batch_size)
+            # a contiguous, unpadded slice per rank: the split DALI's val uses
+            self.sampler = range(begin, end)
+        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
+                                  num_workers=data.num_threads, persistent_workers=data.num_threads > 0,
+                                  pin_memory=device.type == "cuda",
+                                  prefetch_factor=data.prefetch_queue_depth if data.num_threads > 0 else None)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(data.mean, device=device).view(shape) * 255
+        self._std = torch.tensor(data.std, device=device).view(shape) * 255
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step, (images, labels) in enumerate(self._loader):
+            if step == self._steps:
+                break
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = ((images.float() - self._mean) / self._std).to(self.dtype)
+            yield images, labels.to(self.device, non_blocking=True)

@@ -1,0 +1,58 @@
+"""Shared data fixtures: small ImageFolder trees of real photographs (scikit-image's bundled photos).
+
+Every image is a crop of a real photo, rescaled to 64-160 px and saved as a JPEG, so decoders see real
+photo content; the trees are made once per test session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "cat",
+          "colorwheel")
+
+
+def make_image_folder(root: Path, counts: list[int], seed: int = 0) -> Path:
+    """``root/c{k:02d}/img_{i:03d}.jpg``: ``counts[k]`` crops of photo ``k mod 8`` per class ``k``, each of
+    its own size (64-160 px a side) and place; returns ``root``."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = {}
+    serial = 0
+    for k, n in enumerate(counts):
+        name = PHOTOS[k % len(PHOTOS)]
+        photo = photos.setdefault(name, Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
+        folder = root / f"c{k:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            w, h = photo.size
+            cw, ch = int(w * rng.uniform(0.4, 0.9)), int(h * rng.uniform(0.4, 0.9))
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            size = (int(rng.integers(64, 161)), int(rng.integers(64, 161)))
+            img = photo.resize(size, Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch))
+            img.save(folder / f"img_{serial:03d}.jpg", quality=90)
+            serial += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_root(tmp_path_factory) -> Path:
+    """A dataset root with train/ (3 classes, 4+4+3 = 11 images) and val/ (3 classes, 3+2+2 = 7 images)."""
+    root = tmp_path_factory.mktemp("photos")
+    make_image_folder(root / "train", [4, 4, 3], seed=1)
+    make_image_folder(root / "val", [3, 2, 2], seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def unique_root(tmp_path_factory) -> Path:
+    """train/ and val/ with 9 classes of ONE image each: a label names its file, so the order and the
+    coverage of an epoch can be read off the labels of the real pipeline."""
+    root = tmp_path_factory.mktemp("unique")
+    make_image_folder(root / "train", [1] * 9, seed=3)
+    make_image_folder(root / "val", [1] * 9, seed=4)
+    return root
