@@ -81,7 +81,9 @@ def check(widths: Sequence[float] = tuple(REFERENCE), resolution: int = REFERENC
     """Count every width; rows for the paper's widths at 224 px carry the reference to compare with."""
     rows = []
     for width in widths:
-        model = build_model(width)
+        # Counting needs shapes only: on the meta device nothing is initialised or computed.
+        with torch.device("meta"):
+            model = build_model(width)
         row = Row(width, resolution, count_params(model), count_macs(model, resolution))
         if resolution == REFERENCE_RESOLUTION and width in REFERENCE:
             row.paper_macs_m, row.expected_macs, row.expected_params = REFERENCE[width]
