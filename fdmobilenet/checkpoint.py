@@ -76,7 +76,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        # The weights-only unpickler also rejects byte soup ("Unsupported operand"): that is damage, not a
+        # foreign object.
+        if "Weights only load failed" in str(e) and "Unsupported operand" not in str(e):
             raise CheckpointError(
                 f"checkpoint {path} contains objects that are not plain tensors/containers (weights_only=True "
                 f"refused: {_weights_only_reason(e)}); this file is not a checkpoint written by this project, "
