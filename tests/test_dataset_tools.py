@@ -161,3 +161,22 @@ def test_verify_lists_each_planted_problem(digits, tmp_path, capsys):
     assert "4 errors, 2 warnings" in out
     assert verify_main([str(root)]) == 0                                # the clean digits set
     assert "0 errors, 0 warnings" in capsys.readouterr().out
+
+
+def test_pipeline_throughput_benchmark_runs_both_loaders(tmp_path):
+    """The benchmark script end to end at toy size (real DALI CPU pipeline and DataLoader workers); it
+    checks the report's shape, never a speed."""
+    import subprocess
+    import sys
+
+    build_photo_set(tmp_path / "photos", num_train=40, num_val=0, num_classes=4, size=(200, 150), workers=1)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_throughput.py"
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu", "--threads", "1",
+                    "--data", str(tmp_path / "photos"), "--json", str(out)], check=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert [(r["loader"], r["threads_or_workers"], len(r["rounds"])) for r in report["results"]] == \
+        [("torchvision", 1, 3), ("dali", 1, 3)]
+    assert all(x > 0 for r in report["results"] for x in r["rounds"])
+    assert report["results"][0]["ratio_to_torchvision"] == 1.0
+    assert {"torch", "torchvision", "dali", "commit", "command", "nproc"} <= set(report)
