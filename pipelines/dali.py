@@ -60,11 +60,12 @@ def ascii_to_label(cls_bytes):
     """A ``.cls`` member (ASCII digits, e.g. b"417") -> int64 scalar, computed in the graph (no Python
     callback): pad to MAX_CLASS_DIGITS with a non-digit, then Horner's rule over the digit positions."""
     padded = fn.pad(cls_bytes, fill_value=255, shape=[MAX_CLASS_DIGITS], axes=[0])
-    value = types.Constant(0, dtype=types.INT64)
+    value = None
     for i in range(MAX_CLASS_DIGITS):
         byte = fn.cast(padded[i], dtype=types.INT64)
-        is_digit = (byte >= 48) & (byte <= 57)
-        value = value + fn.cast(is_digit, dtype=types.INT64) * (value * 9 + byte - 48)
+        is_digit = fn.cast((byte >= 48) & (byte <= 57), dtype=types.INT64)
+        # a digit d: value = 10 * value + d; anything else leaves value as it is
+        value = is_digit * (byte - 48) if value is None else value + is_digit * (value * 9 + byte - 48)
     return value
 
 
@@ -253,15 +254,20 @@ class DaliLoader(BatchLoader):
                     batch = next(self._iterator)[0]
                 except StopIteration:
                     break
-            images, labels = batch["images"], batch["labels"]
-            if images.shape[0] == 0:     # a rank whose slice ended a batch earlier: padding only
+            if batch["images"].shape[0] == 0:    # a rank whose slice ended a batch earlier: padding only
                 continue
             if self.train and step >= self._steps:
-                continue                  # past the common step count: read to the epoch end, drop
+                continue                          # past the common step count: read to the epoch end, drop
             step += 1
             self._steps_done = step if self.train else 0
-            yield nchw_channels_last(images), labels.view(-1)
+            yield self.to_batch(batch)
         self._steps_done = 0
+
+    @staticmethod
+    def to_batch(dali_out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """DALIGenericIterator's NHWC images / (N, 1) labels -> NCHW channels_last images / (N,) labels,
+        both views of the iterator's tensors (no copy)."""
+        return nchw_channels_last(dali_out["images"]), dali_out["labels"].view(-1)
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

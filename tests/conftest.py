@@ -50,9 +50,10 @@ def photo_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def unique_root(tmp_path_factory) -> Path:
-    """train/ and val/ with 9 classes of ONE image each: a label names its file, so the order and the
-    coverage of an epoch can be read off the labels of the real pipeline."""
+    """train/ and val/ with 11 classes of ONE image each: a label names its file, so the order and the
+    coverage of an epoch can be read off the labels of the real pipeline (labels 10 and up also check
+    multi-digit class indices)."""
     root = tmp_path_factory.mktemp("unique")
-    make_image_folder(root / "train", [1] * 9, seed=3)
-    make_image_folder(root / "val", [1] * 9, seed=4)
+    make_image_folder(root / "train", [1] * 11, seed=3)
+    make_image_folder(root / "val", [1] * 11, seed=4)
     return root

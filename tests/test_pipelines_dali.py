@@ -1,0 +1,255 @@
+"""The DALI loader on the CPU (the same graph as on the GPU; only op placement differs), over real JPEGs."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from fdmobilenet.config import DataConfig
+from pipelines import BatchLoader, CorruptImageError, DataError, build_loader
+from pipelines.base import folder_samples
+from pipelines.dali import DaliLoader
+
+CPU = torch.device("cpu")
+
+
+def small(root: Path, num_classes: int, **kw) -> DataConfig:
+    """Tiny crops, one DALI thread: the test machine has 2 shared cores."""
+    base = dict(root=str(root), num_classes=num_classes, loader="dali", crop_size=32, train_resize=40,
+                val_resize=40, val_crop=32, num_threads=1, prefetch_queue_depth=1)
+    return DataConfig(**{**base, **kw})
+
+
+def epoch_labels(loader: BatchLoader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    return [label for _, labels in loader for label in labels.tolist()]
+
+
+# ------------------------------------------------------------------------------------------ listing / labels
+def test_listing_and_labels_equal_torchvision_imagefolder(photo_root):
+    data = small(photo_root, 3)
+    for split in ("train", "val"):
+        classes, samples = folder_samples(data, split)
+        reference = ImageFolder(str(photo_root / split))
+        assert classes == reference.classes
+        assert samples == reference.samples
+    # the val pipeline reads in listing order: its labels are ImageFolder's targets, in order
+    val = build_loader(data, "val", 4, device=CPU)
+    assert epoch_labels(val, 0) == ImageFolder(str(photo_root / "val")).targets
+
+
+@pytest.mark.parametrize("train_crop,jitter,dtype", [("random_resized", None, "auto"),
+                                                     ("random", (0.4, 0.4, 0.4, 0.1), "float16")])
+def test_batches_follow_the_interface(photo_root, train_crop, jitter, dtype):
+    data = small(photo_root, 3, train_crop=train_crop, color_jitter=jitter, dtype=dtype)
+    want = torch.float32 if dtype == "auto" else torch.float16     # auto = float32 on CPU
+    train = build_loader(data, "train", 4, device=CPU)
+    assert isinstance(train, DaliLoader) and len(train) == 11 // 4 and train.num_samples == 8
+    batches = list(train)
+    assert len(batches) == len(train)
+    for images, labels in batches:
+        assert images.shape == (4, 3, 32, 32) and images.dtype == want
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and labels.shape == (4,) and labels.device == CPU
+        # normalised photo pixels: roughly zero-centred, inside (0 - mean) / std .. (1 - mean) / std
+        assert -2.2 < images.float().min() < 0 < images.float().max() < 2.7
+    val = build_loader(data, "val", 4, device=CPU)
+    sizes = [images.shape[0] for images, _ in val]
+    assert sizes == [4, 3] and len(val) == 2 and val.num_samples == 7
+
+
+def test_nchw_view_is_channels_last_and_shares_dalis_storage(photo_root):
+    loader = build_loader(small(photo_root, 3), "train", 4, device=CPU)
+    dali_out = next(loader._build())[0]                 # what DALIGenericIterator returned (NHWC)
+    images, labels = loader.to_batch(dali_out)
+    assert dali_out["images"].shape == (4, 32, 32, 3) and images.shape == (4, 3, 32, 32)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert images.data_ptr() == dali_out["images"].data_ptr()          # a view: no copy
+    assert images.untyped_storage().data_ptr() == dali_out["images"].untyped_storage().data_ptr()
+    assert torch.equal(images[:, 1], dali_out["images"][..., 1])        # channel 1 is channel 1
+    assert labels.data_ptr() == dali_out["labels"].data_ptr()
+
+
+def test_flip_and_crop_are_random_but_val_is_deterministic(photo_root):
+    data = small(photo_root, 3)
+    a = [images for images, _ in build_loader(data, "val", 7, device=CPU)][0]
+    b = [images for images, _ in build_loader(data, "val", 7, device=CPU)][0]
+    assert torch.equal(a, b)
+    train = build_loader(dataclasses.replace(data, train_crop="random"), "train", 11, device=CPU)
+    first = {l: x for x, y in train for l, x in zip(y.tolist(), x)}
+    second = {l: x for x, y in train for l, x in zip(y.tolist(), x)}
+    assert any(not torch.equal(first[k], second[k]) for k in first.keys() & second.keys())
+
+
+# -------------------------------------------------------------------------------------------------- sharding
+def test_val_two_ranks_count_every_image_exactly_once(unique_root):
+    data = small(unique_root, 11)                                    # 11 images, label = image
+    ranks = [build_loader(data, "val", 2, rank=r, world_size=2, device=CPU) for r in range(2)]
+    assert [r.num_samples for r in ranks] == [5, 6] and [len(r) for r in ranks] == [3, 3]
+    for epoch in range(2):
+        seen = [epoch_labels(r, epoch) for r in ranks]
+        assert [len(s) for s in seen] == [5, 6]
+        assert sorted(seen[0] + seen[1]) == list(range(11))          # the dataset, no duplicates
+
+
+def test_train_epochs_cover_everything_in_a_new_order(unique_root):
+    loader = build_loader(small(unique_root, 11), "train", 1, device=CPU)
+    orders = [epoch_labels(loader, e) for e in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(11))
+    assert orders[0] != orders[1] != orders[2]
+    assert orders[0] != sorted(orders[0])                            # epoch 0 is shuffled too
+
+
+def test_train_ranks_are_disjoint_with_equal_step_counts(unique_root):
+    data = small(unique_root, 11)
+    ranks = [build_loader(data, "train", 2, rank=r, world_size=2, device=CPU) for r in range(2)]
+    assert [len(r) for r in ranks] == [2, 2]                         # 11 // 2 = 5 per rank -> 2 batches
+    per_epoch = []
+    for epoch in range(3):
+        seen = [epoch_labels(r, epoch) for r in ranks]
+        assert [len(s) for s in seen] == [4, 4]
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 8
+        per_epoch.append(seen)
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]
+
+
+def test_batch_larger_than_a_ranks_share_is_a_clear_error(unique_root):
+    with pytest.raises(DataError, match=r"batch size 6 .* 11 training images .* 5"):
+        build_loader(small(unique_root, 11), "train", 6, rank=0, world_size=2, device=CPU)
+
+
+# ---------------------------------------------------------------------------------------------------- state
+def test_checkpoint_resumes_the_exact_batches(unique_root, tmp_path):
+    data = small(unique_root, 11)
+
+    def take(loader, n=None):
+        out = []
+        for images, labels in loader:
+            out.append((labels.tolist(), images.clone()))
+            if n is not None and len(out) == n:
+                break
+        return out
+
+    loader = build_loader(data, "train", 2, device=CPU)
+    take(loader)                                                     # epoch 0
+    loader.set_epoch(1)
+    take(loader, 2)                                                  # mid epoch 1
+    path = tmp_path / "loader.pt"
+    torch.save(loader.state_dict(), path)
+    rest = take(loader)                                              # the rest of epoch 1
+    loader.set_epoch(2)
+    nxt = take(loader)                                               # epoch 2
+
+    resumed = build_loader(data, "train", 2, device=CPU)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    resumed.set_epoch(1)
+    rest2 = take(resumed)
+    resumed.set_epoch(2)
+    nxt2 = take(resumed)
+    assert len(rest) == len(loader) - 2 == len(rest2)
+    for (la, xa), (lb, xb) in zip(rest + nxt, rest2 + nxt2):
+        assert la == lb and torch.equal(xa, xb)                      # same files, same random crops/flips
+    assert build_loader(data, "val", 2, device=CPU).state_dict() == {}
+
+
+# ----------------------------------------------------------------------------------------------- bad data
+@pytest.fixture()
+def truncated_root(photo_root, tmp_path) -> tuple[Path, Path]:
+    root = tmp_path / "bad"
+    shutil.copytree(photo_root / "train", root / "train")
+    victim = sorted((root / "train" / "c01").iterdir())[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])                      # cut mid scan: "premature end"
+    return root, victim
+
+
+def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
+    root, victim = truncated_root
+    script = textwrap.dedent(f"""
+        import torch
+        from fdmobilenet.config import DataConfig
+        from pipelines import build_loader
+        data = DataConfig(root={str(root)!r}, num_classes=3, crop_size=32, num_threads=1)
+        loader = build_loader(data, "train", 2, device=torch.device("cpu"))
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                pass
+        print("TRAINED WITHOUT ERROR")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0 and "TRAINED WITHOUT ERROR" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipelines.base.CorruptImageError: cannot decode ") and str(victim) in last
+
+
+def test_on_corrupt_skip_drops_the_file_up_front(truncated_root):
+    root, victim = truncated_root
+    with pytest.warns(UserWarning, match=victim.name):
+        loader = build_loader(small(root, 3, on_corrupt="skip", val_split="train"), "val", 4, device=CPU)
+    assert loader.num_samples == 10
+    assert sum(len(labels) for _, labels in loader) == 10
+
+
+def test_missing_and_empty_folders_are_clear_errors(photo_root, tmp_path):
+    with pytest.raises(DataError, match=r"nowhere/train not found .*<class>/<image>\.jpg"):
+        build_loader(small(tmp_path / "nowhere", 3), "train", 2, device=CPU)
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"flat/train has no class sub-folders"):
+        build_loader(small(tmp_path / "flat", 3), "train", 2, device=CPU)
+    shutil.copytree(photo_root / "train", tmp_path / "holes" / "train")
+    (tmp_path / "holes" / "train" / "c03_empty").mkdir()
+    with pytest.raises(DataError, match=r"empty class folder.*c03_empty"):
+        build_loader(small(tmp_path / "holes", 4), "train", 2, device=CPU)
+    with pytest.raises(DataError, match=r"3 class folders but data.num_classes is 1000"):
+        build_loader(small(photo_root, 1000), "train", 2, device=CPU)
+
+
+# ----------------------------------------------------------------------------------------------- webdataset
+@pytest.fixture(scope="module")
+def wds_root(unique_root, photo_root, tmp_path_factory) -> Path:
+    """Both trees packed by pipelines.pack (4 samples per shard, so several shards per split)."""
+    from pipelines.pack import pack
+
+    root = tmp_path_factory.mktemp("wds")
+    for name, src in (("unique", unique_root), ("photos", photo_root)):
+        for split in ("train", "val"):
+            pack(src / split, root / name / split, shard_size=4, workers=1)
+    return root
+
+
+def test_webdataset_gives_the_same_images_and_labels_as_the_folder(photo_root, unique_root, wds_root):
+    for name, src, classes in (("photos", photo_root, 3), ("unique", unique_root, 11)):
+        folder = build_loader(small(src, classes), "val", 4, device=CPU)
+        shards = build_loader(small(wds_root / name, classes, layout="webdataset"), "val", 4, device=CPU)
+        assert len(folder) == len(shards) and folder.num_samples == shards.num_samples
+        for (xa, la), (xb, lb) in zip(folder, shards):
+            assert torch.equal(la, lb) and torch.equal(xa, xb)       # labels 0..10: two-digit .cls too
+
+
+def test_webdataset_sharding_and_shuffling(wds_root):
+    data = small(wds_root / "unique", 11, layout="webdataset")
+    val = [build_loader(data, "val", 2, rank=r, world_size=2, device=CPU) for r in range(2)]
+    seen = [epoch_labels(v, 0) for v in val]
+    assert sorted(seen[0] + seen[1]) == list(range(11))
+    train = [build_loader(data, "train", 1, rank=r, world_size=2, device=CPU) for r in range(2)]
+    orders = []
+    for epoch in range(2):
+        seen = [epoch_labels(t, epoch) for t in train]
+        assert [len(s) for s in seen] == [5, 5] and not set(seen[0]) & set(seen[1])
+        orders.append(seen)
+    assert orders[0] != orders[1]
+
+
+def test_webdataset_without_shards_is_a_clear_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match=r"no webdataset shards in .*train .*pipelines.pack"):
+        build_loader(small(tmp_path, 3, layout="webdataset"), "train", 2, device=CPU)

@@ -1,0 +1,119 @@
+"""build_loader, the torchvision baseline and the synthetic loader: one interface, real JPEGs of photos."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from fdmobilenet.config import DataConfig
+from pipelines import BatchLoader, DataError, build_loader
+from pipelines.synthetic import SyntheticLoader
+from pipelines.torchvision_loader import TorchvisionLoader
+
+CPU = torch.device("cpu")
+
+
+def small(root: Path, num_classes: int, **kw) -> DataConfig:
+    base = dict(root=str(root), num_classes=num_classes, loader="torchvision", crop_size=32, train_resize=40,
+                val_resize=40, val_crop=32, num_threads=1, prefetch_queue_depth=1)
+    return DataConfig(**{**base, **kw})
+
+
+def epoch_labels(loader: BatchLoader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    return [label for _, labels in loader for label in labels.tolist()]
+
+
+def check_batch(images: torch.Tensor, labels: torch.Tensor, n: int, size: int, dtype=torch.float32):
+    assert images.shape == (n, 3, size, size) and images.dtype == dtype and images.device == CPU
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.shape == (n,) and labels.dtype == torch.int64 and labels.device == CPU
+
+
+# ------------------------------------------------------------------------------------------- torchvision
+@pytest.mark.parametrize("train_crop,jitter", [("random_resized", None), ("random", (0.4, 0.4, 0.4, 0.1))])
+def test_torchvision_batches_follow_the_interface(photo_root, train_crop, jitter):
+    data = small(photo_root, 3, train_crop=train_crop, color_jitter=jitter)
+    train = build_loader(data, "train", 4, device=CPU)
+    assert isinstance(train, TorchvisionLoader) and len(train) == 2 and train.num_samples == 8
+    batches = list(train)
+    assert len(batches) == 2
+    for images, labels in batches:
+        check_batch(images, labels, 4, 32)
+        assert -2.2 < images.min() < 0 < images.max() < 2.7
+    val = build_loader(data, "val", 4, device=CPU)
+    assert [images.shape[0] for images, _ in val] == [4, 3] and val.num_samples == 7
+    assert epoch_labels(val, 0) == ImageFolder(str(photo_root / "val")).targets
+
+
+def test_torchvision_val_two_ranks_count_every_image_exactly_once(unique_root):
+    ranks = [build_loader(small(unique_root, 11), "val", 2, rank=r, world_size=2, device=CPU)
+             for r in range(2)]
+    seen = [epoch_labels(r, 0) for r in ranks]
+    assert [r.num_samples for r in ranks] == [len(s) for s in seen] == [5, 6]
+    assert sorted(seen[0] + seen[1]) == list(range(11))
+
+
+def test_torchvision_train_reshuffles_per_epoch_disjoint_across_ranks(unique_root):
+    ranks = [build_loader(small(unique_root, 11), "train", 2, rank=r, world_size=2, device=CPU)
+             for r in range(2)]
+    assert [len(r) for r in ranks] == [2, 2]
+    orders = []
+    for epoch in range(2):
+        seen = [epoch_labels(r, epoch) for r in ranks]
+        assert [len(s) for s in seen] == [4, 4] and not set(seen[0]) & set(seen[1])
+        orders.append(seen)
+    assert orders[0] != orders[1]
+
+
+def test_dali_and_torchvision_val_agree(photo_root):
+    """Same files, labels, layout, channel order and normalisation; pixels differ only by the resize
+    filters (DALI's antialiased linear vs PIL's bilinear), so they agree closely but not exactly."""
+    data = small(photo_root, 3)
+    tv = list(build_loader(data, "val", 7, device=CPU))[0]
+    dali = list(build_loader(dataclasses.replace(data, loader="dali"), "val", 7, device=CPU))[0]
+    assert torch.equal(tv[1], dali[1])
+    diff = (tv[0] - dali[0]).abs()
+    assert diff.mean() < 0.1, diff.mean()
+    for c in range(3):       # per image and channel, the two are the same picture
+        a, b = tv[0][:, c].flatten(1), dali[0][:, c].flatten(1)
+        assert torch.nn.functional.cosine_similarity(a - a.mean(1, keepdim=True),
+                                                     b - b.mean(1, keepdim=True)).min() > 0.95
+
+
+def test_torchvision_errors_match_dali(photo_root, tmp_path):
+    with pytest.raises(DataError, match=r"nowhere/val not found"):
+        build_loader(small(tmp_path / "nowhere", 3), "val", 2, device=CPU)
+    with pytest.raises(DataError, match=r"batch size 12 .* 11 training images"):
+        build_loader(small(photo_root, 3), "train", 12, device=CPU)
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+def test_synthetic_loader(photo_root):
+    data = small(photo_root, 1000, loader="synthetic", dtype="float16")
+    train = build_loader(data, "train", 256, rank=1, world_size=8, device=CPU)
+    assert isinstance(train, SyntheticLoader)
+    assert len(train) == 1_281_167 // 8 // 256 and train.num_samples == len(train) * 256
+    first, again = next(iter(train)), next(iter(train))
+    check_batch(*first, 256, 32, torch.float16)
+    assert first[0] is again[0]                                   # made once, reused
+    assert 0 <= first[1].min() and first[1].max() < 1000
+    val = build_loader(data, "val", 256, rank=0, world_size=8, device=CPU)
+    assert val.num_samples == 6250 and len(val) == 25
+    sizes = [images.shape[0] for images, _ in val]
+    assert sum(sizes) == 6250 and sizes[-1] == 6250 - 24 * 256
+
+
+def test_build_loader_rejects_bad_arguments(photo_root):
+    data = small(photo_root, 3)
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        build_loader(data, "test", 2, device=CPU)
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        build_loader(data, "train", 2, rank=2, world_size=2, device=CPU)
+    with pytest.raises(ValueError, match="data.loader must be"):
+        build_loader(dataclasses.replace(data, loader="ffcv"), "train", 2, device=CPU)
+    with pytest.raises(ValueError, match="keeps no reader state"):
+        build_loader(data, "train", 2, device=CPU).load_state_dict({"dali": "x"})
