@@ -1,0 +1,110 @@
+"""Top-5 ImageNet predictions of a trained FD-MobileNet for image files.
+
+    python -m fdmobilenet.predict --checkpoint 0.25x-FDMobileNet-224.pth.tar --model 0.25 cat.jpg [--json]
+
+Images get the evaluation preprocessing of training (DataConfig's val_resize / val_crop / mean / std, via the
+torchvision loader's transform): RGB, shorter side resized to 256, centre crop 224, ImageNet normalisation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision.transforms.functional import normalize
+
+from pipelines.torchvision_loader import val_transform
+
+from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .config import ConfigError, DataConfig, load_model_ref
+from .model import FDMobileNet
+
+SAMPLE_CAT = "skimage.data.chelsea()"
+TOP_K = 5
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read; the message names it."""
+
+
+def imagenet_classes() -> list[str]:
+    # torchvision ships the 1000 class names with its weight metadata (no download involved).
+    return list(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def read_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {path}: {e} (give a JPEG/PNG/... image file)") from e
+
+
+def sample_cat() -> Image.Image:
+    """Chelsea the cat, a photo bundled with scikit-image (the dev extra): a no-download demo input."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ImageError(f"{SAMPLE_CAT} needs scikit-image: pip install -e '.[dev]'") from e
+    return Image.fromarray(data.chelsea()).convert("RGB")
+
+
+def load_model(checkpoint: str, model_ref: str) -> FDMobileNet:
+    cfg = load_model_ref(model_ref)
+    model = FDMobileNet(cfg.width_mult, num_classes=len(imagenet_classes()))
+    load_weights(model, load_checkpoint(checkpoint), checkpoint)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: DataConfig = DataConfig(),
+            k: int = TOP_K) -> list[list[tuple[int, float]]]:
+    """(class index, probability) of the ``k`` most likely classes per image."""
+    transform = val_transform(data)
+    batch = torch.stack([normalize(transform(img).float().div(255), data.mean, data.std) for img in images])
+    probs = model(batch).softmax(dim=1)
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[(int(i), float(p)) for i, p in zip(idx, prob)] for idx, prob in zip(top.indices, top.values)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fdmobilenet.predict",
+        description="Print the top-5 ImageNet classes (index, name, probability) of each image.")
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint (.pth.tar)")
+    parser.add_argument("--model", required=True,
+                        help="model config (a name in configs/model/ or a path) or a plain width such as 0.25")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    parser.add_argument("--sample-cat", action="store_true", help=f"also classify {SAMPLE_CAT} (scikit-image)")
+    parser.add_argument("--json", action="store_true",
+                        help='print one JSON list: [{"image": PATH, "top5": [{"index", "name", "prob"}, ...]}]')
+    args = parser.parse_args(argv)
+    if not args.images and not args.sample_cat:
+        parser.error("give at least one IMAGE (or --sample-cat)")
+    try:
+        named = [(path, read_image(path)) for path in args.images]
+        if args.sample_cat:
+            named.append((SAMPLE_CAT, sample_cat()))
+        model = load_model(args.checkpoint, args.model)
+    except (ImageError, CheckpointError, ConfigError) as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return 1
+    classes = imagenet_classes()
+    results = [{"image": name, "top5": [{"index": i, "name": classes[i], "prob": p} for i, p in top]}
+               for (name, _), top in zip(named, predict(model, [img for _, img in named]))]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(result["image"])
+            for entry in result["top5"]:
+                print(f"  {entry['index']:4d}  {entry['prob']:.4f}  {entry['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
