@@ -238,10 +238,14 @@ class DaliLoader(BatchLoader):
             if match is None:
                 raise
             folder = split_dir(self.data, self.split)
-            raise CorruptImageError(
-                f"cannot decode {match.group(1).strip()} (truncated or corrupt image) while reading {folder}; "
-                f"replace or delete it, or set data.on_corrupt=skip. `python -m pipelines.verify {folder}` "
-                f"lists every bad file") from exc
+            if self.data.layout == "webdataset":    # DALI names it TAR:OFFSET:KEY.jpg
+                fix = (f"the key is the sample's position in the packed ImageFolder; check that folder with "
+                       f"`python -m pipelines.verify`, fix it and pack again")
+            else:
+                fix = (f"replace or delete it, or set data.on_corrupt=skip; `python -m pipelines.verify "
+                       f"{folder}` lists every bad file")
+            raise CorruptImageError(f"cannot decode {match.group(1).strip()} (truncated or corrupt image) while "
+                                    f"reading {folder}; {fix}") from exc
 
     # --------------------------------------------------------------------------------------- iterating
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

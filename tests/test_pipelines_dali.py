@@ -187,8 +187,21 @@ def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
     assert done.returncode != 0 and "TRAINED WITHOUT ERROR" not in done.stdout
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("pipelines.base.CorruptImageError: cannot decode ") and str(victim) in last
+    error = [line for line in done.stderr.splitlines() if line.startswith("pipelines.base.CorruptImageError")]
+    assert error and error[0].startswith("pipelines.base.CorruptImageError: cannot decode ")
+    assert str(victim) in error[0], done.stderr[-2000:]
+
+
+def test_truncated_jpeg_in_a_shard_names_tar_and_key(truncated_root, tmp_path):
+    from pipelines.pack import pack
+
+    root, victim = truncated_root
+    pack(root / "train", tmp_path / "wds" / "train", shard_size=4, workers=1)
+    key = f"{sorted(p for p in (root / 'train').rglob('*.jpg')).index(victim):08d}"
+    loader = build_loader(small(tmp_path / "wds", 3, layout="webdataset"), "train", 2, device=CPU)
+    with pytest.raises(CorruptImageError, match=rf"cannot decode .*train-00000\d\.tar:\d+:{key}\.jpg"):
+        for epoch in range(3):
+            epoch_labels(loader, epoch)
 
 
 def test_on_corrupt_skip_drops_the_file_up_front(truncated_root):
