@@ -29,14 +29,18 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``4e-05`` as a number. PyYAML follows YAML 1.1, where a float needs a dot, so
-    exponent-only numbers (what ``json.dump`` writes for 4e-5) would otherwise arrive as strings and a JSON
-    config would not be valid YAML after all."""
+    """SafeLoader with YAML 1.2's numbers and booleans. PyYAML follows YAML 1.1, where a float needs a dot
+    (``4e-05``, what ``json.dump`` writes, would arrive as a string, so a JSON config would not be valid YAML
+    after all) and where on/off/yes/no are booleans (``compile: off`` would arrive as False, not 'off')."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
                               list("-+0123456789."))
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                   for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _parse_yaml(text_or_stream: Any) -> Any:
