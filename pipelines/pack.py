@@ -5,7 +5,7 @@
 Output layout (what the webdataset loader reads):
 
     DST/{prefix}-000000.tar   members, in ImageFolder order: 00000000.jpg 00000000.cls 00000001.jpg ...
-    DST/{prefix}-000000.idx   DALI's index for that shard (written by DALI's own wds2idx.IndexCreator)
+    DST/{prefix}-000000.idx   DALI's index for that shard (format v1.2, what DALI's wds2idx tool writes)
     DST/classes.json          JSON list of class names; position = class index
 
 Keys are the sample's position in torchvision's ImageFolder listing of SRC (8 digits, so no dots and they
@@ -31,30 +31,34 @@ from pipelines.imagefolder import list_samples
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
+    """Append one member; returns its index entry ``"<ext> <data offset> <size> <name>"``."""
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0   # fixed metadata: same input, same bytes
     tar.addfile(info, io.BytesIO(data))
+    # tar.offset is now past the data, which is padded to whole 512-byte blocks
+    offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return f"{name.split('.', 1)[1]} {offset} {len(data)} {name}"
 
 
 def write_shard(task: tuple[str, str, int, list[tuple[str, int]]]) -> tuple[str, int, list[str]]:
-    """Write one ``.tar`` + ``.idx``; returns (tar path, samples, paths that are not JPEG)."""
-    from wds2idx import IndexCreator   # ships with nvidia-dali: the index is in exactly the format DALI reads
+    """Write one ``.tar`` and its ``.idx``; returns (tar path, samples, paths that are not JPEG).
 
+    The index is written from the offsets known while writing, in DALI's format v1.2: a line
+    ``v1.2 <samples>``, then per sample its members as ``<ext> <offset> <size> <name>``, space-separated.
+    (DALI's wds2idx tool computes the same by running ``tar --list`` twice; the GPU images lack it.)"""
     tar_path, idx_path, first_key, samples = task
-    not_jpeg = []
-    tmp = tar_path + ".tmp"
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+    not_jpeg, lines = [], []
+    with tarfile.open(tar_path + ".tmp", "w", format=tarfile.GNU_FORMAT) as tar:
         for k, (path, label) in enumerate(samples):
             data = Path(path).read_bytes()
             if not data.startswith(JPEG_MAGIC):
                 not_jpeg.append(path)
             key = f"{first_key + k:08d}"
-            _add_member(tar, f"{key}.jpg", data)
-            _add_member(tar, f"{key}.cls", str(label).encode("ascii"))
-    os.replace(tmp, tar_path)
-    with IndexCreator(tar_path, idx_path, verbose=False) as creator:
-        creator.create_index()
+            lines.append(" ".join([_add_member(tar, f"{key}.jpg", data),
+                                   _add_member(tar, f"{key}.cls", str(label).encode("ascii"))]))
+    Path(idx_path).write_text(f"v1.2 {len(samples)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tar_path + ".tmp", tar_path)
     return tar_path, len(samples), not_jpeg
 
 

@@ -125,6 +125,21 @@ def test_pack_round_trip_matches_imagefolder_and_dali_reads_it(digits, tmp_path)
     assert [int(bytes(np.array(c)).decode()) for c in cls] == [y for _, y in samples]
 
 
+def test_pack_index_is_byte_identical_to_dalis_wds2idx(digits, tmp_path):
+    """pack writes the .idx itself (GPU images lack wds2idx); DALI's own indexer must agree byte for byte."""
+    index_creator = pytest.importorskip("wds2idx", reason="DALI's wds2idx module is not installed here; "
+                                        "the DALI reader test above still checks the index").IndexCreator
+    root, _ = digits
+    pack(root / "train", tmp_path, shard_size=500, workers=1)
+    tars = sorted(tmp_path.glob("train-*.tar"))
+    assert len(tars) == 3
+    for t in tars:
+        reference = tmp_path / f"{t.stem}.reference"
+        with index_creator(str(t), str(reference), verbose=False) as creator:
+            creator.create_index()
+        assert t.with_suffix(".idx").read_bytes() == reference.read_bytes(), t
+
+
 def test_pack_refuses_to_mix_with_existing_shards(digits, tmp_path):
     root, _ = digits
     pack(root / "val", tmp_path, shard_size=400, workers=1)
