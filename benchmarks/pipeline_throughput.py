@@ -1,7 +1,7 @@
 """Training-pipeline throughput: DALI vs torchvision's DataLoader on the same JPEG folder and augmentation.
 
     python benchmarks/pipeline_throughput.py [--data ROOT] [--json FILE] [--batch B] [--threads T ...]
-        [--device cpu|cuda] [--hw-decoder-load L ...] [--rounds R] [--steps S] [--quick]
+        [--device cpu|cuda] [--hw-decoder-load L ...] [--rounds R] [--steps S] [--quick] [--record]
 
 ROOT holds an ImageFolder ``train/`` split; without --data an ImageNet-like set (real photos, 500x375,
 JPEG q90, pipelines.photo_set) is built once and cached. Every loader is built by ``pipelines.build_loader``
@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +29,12 @@ from typing import Iterator, Optional
 
 import torch
 
+from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
 from fdmobilenet.config import load_family
 from pipelines import build_loader
 from pipelines.photo_set import build_photo_set
 
-REPO = Path(__file__).resolve().parent.parent
+SECTION = "Pipeline throughput"
 
 
 @dataclasses.dataclass
@@ -46,7 +42,6 @@ class Variant:
     loader: str                     # dali | torchvision
     threads: int                    # DALI threads or DataLoader workers
     hw_decoder_load: Optional[float] = None
-    rates: list[float] = dataclasses.field(default_factory=list)
 
     def label(self, device: torch.device) -> str:
         if self.loader == "torchvision":
@@ -65,47 +60,14 @@ def endless(loader) -> Iterator:
         epoch += 1
 
 
-def timed_batches(batches: Iterator, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` batches, the last one finished on the device."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        images, labels = next(batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+def pull(batches: Iterator, n: int) -> None:
+    for _ in range(n):
+        next(batches)
 
 
 def default_data_root(num_images: int) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path(tempfile.gettempdir()))) / "fdmobilenet-bench"
     return cache / f"photos-{num_images}"
-
-
-def environment(device: torch.device) -> dict:
-    import nvidia.dali
-    import PIL
-    import torchvision
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    env = {"machine": f"{platform.node()} ({cpu})", "nproc": len(os.sched_getaffinity(0)),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "dali": nvidia.dali.__version__, "pillow": PIL.__version__,
-           "commit": git("rev-parse", "--short", "HEAD") + (" (dirty)" if git("status", "--porcelain",
-                                                                              "--untracked-files=no") else ""),
-           "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-           "load_average_before": [round(x, 2) for x in os.getloadavg()]}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-images", type=int, default=None,
                     help="size of the self-built set (default 640; 5000 on CUDA; 96 with --quick)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--record", action="store_true",
+                    help=f"append the table to benchmarks/RESULTS.md, section '{SECTION} (CPU|GPU)'")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 64 CPU, 256 CUDA)")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
@@ -141,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or ([4, 8] if gpu else [cores])
     workers = args.workers or (cores if gpu else threads[0])
 
-    env = environment(device)
+    env = environment(sys.argv if argv is None else ["benchmarks/pipeline_throughput.py", *argv])
     if args.data:
         root = Path(args.data)
     else:
@@ -158,47 +122,49 @@ def main(argv: list[str] | None = None) -> int:
     # torchvision first: its workers fork before DALI starts threads in this process
     variants = [Variant("torchvision", workers)]
     variants += [Variant("dali", t, hw) for hw in (args.hw_decoder_load if gpu else [None]) for t in threads]
-    streams = []
+    rounds = {}
     for v in variants:
         cfg = dataclasses.replace(base, loader=v.loader, num_threads=v.threads,
-                                  hw_decoder_load=v.hw_decoder_load if v.hw_decoder_load is not None
-                                  else base.hw_decoder_load)
+                                  hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None
+                                  else v.hw_decoder_load)
         loader = build_loader(cfg, "train", batch, device=device)
-        # batches a variant's prefetch queue holds when it gets its turn: drained untimed
-        queue = cfg.prefetch_queue_depth * (v.threads if v.loader == "torchvision" else 1) + 1
         stream = endless(loader)
-        timed_batches(stream, warmup, device)
-        streams.append((stream, queue))
+        pull(stream, warmup)
+        # the batches this variant's prefetch queue filled while the others ran come for free: drain them
+        # untimed, then time steady-state batches
+        queue = cfg.prefetch_queue_depth * (v.threads if v.loader == "torchvision" else 1) + 1
+
+        def one_round(stream=stream, queue=queue):
+            pull(stream, queue)
+            return steps * batch / timed(lambda: pull(stream, steps), device)
+        rounds[v.label(device)] = one_round
         print(f"ready: {v.label(device)} ({len(loader)} batches of {batch} per epoch)", flush=True)
 
-    for r in range(args.rounds):
-        for v, (stream, queue) in zip(variants, streams):
-            timed_batches(stream, queue, device)
-            v.rates.append(steps * batch / timed_batches(stream, steps, device))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v.rates[-1]:.0f}" for v in variants), flush=True)
+    rates = interleave(rounds, args.rounds)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    reference = median(rates[variants[0].label(device)])
+    results = []
+    for v in variants:
+        r = rates[v.label(device)]
+        results.append({"variant": v.label(device), "loader": v.loader,
+                        "decode": ("mixed" if gpu else "cpu") if v.loader == "dali" else "pil",
+                        "device": device.type, "threads_or_workers": v.threads,
+                        "hw_decoder_load": v.hw_decoder_load, "batch": batch, "images_per_s": round(median(r), 1),
+                        "rounds": [round(x, 1) for x in r], "ratio_to_torchvision": round(median(r) / reference, 2)})
+    report = {"environment": env, "load_avg_after": load_after, "data": str(root),
+              "data_config": args.data_config, "crop_size": base.crop_size, "steps_per_round": steps,
+              "warmup": warmup, "rounds": args.rounds, "results": results}
 
-    env["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    reference = statistics.median(variants[0].rates)
-    results = [{"loader": v.loader, "decode": ("mixed" if gpu else "cpu") if v.loader == "dali" else "pil",
-                "device": device.type, "threads_or_workers": v.threads, "hw_decoder_load": v.hw_decoder_load,
-                "batch": batch, "images_per_s": round(statistics.median(v.rates), 1),
-                "rounds": [round(x, 1) for x in v.rates],
-                "ratio_to_torchvision": round(statistics.median(v.rates) / reference, 2)} for v in variants]
-    report = {**env, "data": str(root), "data_config": args.data_config, "crop_size": base.crop_size,
-              "steps_per_round": steps, "warmup": warmup, "results": results}
-
-    print(f"\n{env['machine']}, nproc {env['nproc']}, torch {env['torch']}, torchvision {env['torchvision']}, "
-          f"DALI {env['dali']}{', GPU ' + env['gpu'] if gpu else ''}, commit {env['commit']}")
-    print(f"load average before/after: {env['load_average_before']} / {env['load_average_after']}")
-    print(f"{args.data_config} train pipeline ({base.crop_size}x{base.crop_size}), batch {batch}, "
-          f"median of {args.rounds} rounds x {steps} batches\n")
-    header = f"| {'loader':<50} | {'img/s':>8} | {'x torchvision':>13} |"
-    print(header + "\n|" + "-" * 52 + "|" + "-" * 10 + "|" + "-" * 15 + "|")
-    for v, res in zip(variants, results):
-        print(f"| {v.label(device):<50} | {res['images_per_s']:>8.1f} | {res['ratio_to_torchvision']:>13.2f} |")
+    text = (f"{describe(env)}\n\nload average after: {' / '.join(map(str, load_after))} · data {root} · "
+            f"{args.data_config} train pipeline ({base.crop_size}x{base.crop_size}), batch {batch}, median of "
+            f"{args.rounds} rounds x {steps} batches (after {warmup} warm-up batches per loader)\n\n"
+            + markdown_table(results, (("variant", "loader"), ("images_per_s", "img/s"),
+                                       ("rounds", "rounds (img/s)"), ("ratio_to_torchvision", "x torchvision"))))
+    print("\n" + text, flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    print("\n" + json.dumps(results))
+        write_json(args.json, report)
+    if args.record:
+        record(f"{SECTION} ({'GPU' if gpu else 'CPU'})", text)
     return 0
 
 
