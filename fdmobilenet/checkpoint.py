@@ -20,6 +20,11 @@ from torch import nn
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+# Read once at import (setting the umask is the only way to read it, and must not race with other threads).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read or applied; the message names the file and what to do."""
 
@@ -31,16 +36,20 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     fsynced, and only then replaces ``path``; on any failure the temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(e, Exception):
             raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous file (if any) is "
                                   f"unchanged — free disk space or fix permissions and save again") from e

@@ -61,9 +61,11 @@ def load_model(checkpoint: str, model_ref: str) -> FDMobileNet:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: DataConfig = DataConfig(),
+def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: Optional[DataConfig] = None,
             k: int = TOP_K) -> list[list[tuple[int, float]]]:
-    """(class index, probability) of the ``k`` most likely classes per image."""
+    """(class index, probability) of the ``k`` most likely classes per image; ``data`` gives the eval
+    preprocessing (default: DataConfig's, i.e. ImageNet's)."""
+    data = data or DataConfig()
     transform = val_transform(data)
     batch = torch.stack([normalize(transform(img).float().div(255), data.mean, data.std) for img in images])
     probs = model(batch).softmax(dim=1)

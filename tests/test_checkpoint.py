@@ -24,6 +24,9 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     save_checkpoint(small_ckpt(0), path)
     save_checkpoint(small_ckpt(1), path)  # replaces the previous file
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth.tar"]  # no temp file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
     back = load_checkpoint(path)
     assert back["epoch"] == 1
     for key, value in small_ckpt(1)["state_dict"].items():
