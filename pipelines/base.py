@@ -8,7 +8,11 @@ int64 on the same device - ``set_epoch(epoch)`` before each epoch, and ``state_d
 from __future__ import annotations
 
 import abc
+import io
+import multiprocessing as mp
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -137,6 +141,9 @@ def folder_samples(data: DataConfig, split: str) -> tuple[list[str], list[tuple[
     samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if data.on_corrupt == "skip":
         samples = drop_unreadable(folder, samples, data.num_threads)
+    else:
+        refuse_cut_short_jpegs([(path, path, 0, None) for path, _ in samples], folder,
+                               "replace or delete them, or set data.on_corrupt=skip")
     check_classes(folder, classes, [label for _, label in samples], data.num_classes)
     return classes, samples
 
@@ -157,3 +164,85 @@ def drop_unreadable(folder: Path, samples: list[tuple[str, int]], workers: int) 
         warnings.warn(f"data.on_corrupt=skip: dropped {len(dropped)} unreadable file(s) from {folder}: "
                       f"{', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}", stacklevel=2)
     return kept
+
+
+# ------------------------------------------------------------------------------------- truncated JPEGs
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+TAIL_BYTES = 64          # room for the zero padding some writers put after the end-of-image marker
+
+
+Member = tuple[str, str, int, "int | None"]   # (name for messages, file, byte offset, size or None = whole file)
+HEADER_BYTES = 1 << 16
+
+
+def _decodes(data: bytes, headers_only: bool = False) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:   # open() parses every marker up to the scan data
+            if not headers_only:
+                im.load()
+        return True
+    except Exception:    # any failure to decode is the answer, whatever PIL calls it
+        return False
+
+
+def _unparsable(item: Member) -> bool:
+    name, path, offset, size = item
+    with open(path, "rb") as f:
+        f.seek(offset)
+        head = f.read(HEADER_BYTES if size is None else min(size, HEADER_BYTES))
+        if _decodes(head, headers_only=True):
+            return False
+        if len(head) == HEADER_BYTES:            # headers longer than the first piece: read it all
+            f.seek(offset)
+            return not _decodes(f.read(-1 if size is None else size), headers_only=True)
+    return True
+
+
+def find_unparsable(items: list[Member], workers: int) -> list[str]:
+    """Names of the images whose headers PIL cannot parse - the failure that DALI's decoders report without
+    a file name. Reads ~64 KiB of each file in ``workers`` processes (about 10 s per million files on 16
+    cores); meant for the error path, not for every start."""
+    workers = max(1, min(workers, len(items) // 256))
+    if workers == 1:
+        flags = [_unparsable(item) for item in items]
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            flags = pool.map(_unparsable, items, chunksize=256)
+    return [item[0] for item, bad in zip(items, flags) if bad]
+
+
+def jpeg_cut_short(path: str, offset: int = 0, size: int | None = None) -> bool:
+    """True for a JPEG (``size`` bytes at ``offset`` of ``path``; the whole file by default) whose data ends
+    before its end-of-image marker - a truncated file - confirmed by a full decode. Costs two small reads
+    for a sound JPEG; files that are not JPEGs are not judged here (the decoders report them)."""
+    with open(path, "rb") as f:
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
+        f.seek(offset)
+        if size < 4 or f.read(2) != JPEG_SOI:
+            return size < 4
+        f.seek(offset + max(2, size - TAIL_BYTES))
+        if f.read(min(TAIL_BYTES, size - 2)).rstrip(b"\x00\r\n\t ").endswith(JPEG_EOI):
+            return False
+        f.seek(offset)                  # no marker at the end: decode it to be sure (rare: trailing data)
+        return not _decodes(f.read(size))
+
+
+def refuse_cut_short_jpegs(items: list[Member], where: Path, fix: str) -> None:
+    """Raise CorruptImageError naming every truncated JPEG among ``items`` = (name, path, offset, size).
+
+    Why up front: the GPU decoders (nvJPEG and the hardware JPEG decoder behind DALI's 'mixed' decode)
+    decode a truncated JPEG without an error, grey where the data is missing - training would go on with a
+    damaged image. The CPU decoder (libjpeg-turbo) fails on it, and DALI then names the file (see
+    pipelines.dali), but only when the epoch reaches it. The check reads two small pieces of each file,
+    in threads (I/O bound)."""
+    def check(chunk):
+        return [name for name, path, offset, size in chunk if jpeg_cut_short(path, offset, size)]
+
+    chunks = [items[i:i + 512] for i in range(0, len(items), 512)]
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(chunks)))) as pool:
+        bad = sorted(name for found in pool.map(check, chunks) for name in found)
+    if bad:
+        raise CorruptImageError(f"{len(bad)} truncated JPEG(s) in {where}: {', '.join(bad[:10])}"
+                                f"{' ...' if len(bad) > 10 else ''}; {fix}")

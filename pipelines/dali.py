@@ -32,8 +32,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import (BatchLoader, CorruptImageError, DataError,
-                            folder_samples, image_dtype, nchw_channels_last, shard_bounds, split_dir,
+from pipelines.base import (BatchLoader, CorruptImageError, DataError, Member, find_unparsable, folder_samples,
+                            image_dtype, nchw_channels_last, refuse_cut_short_jpegs, shard_bounds, split_dir,
                             train_steps)
 
 READER = "Reader"
@@ -119,8 +119,9 @@ def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, nu
 
 
 # --------------------------------------------------------------------------------------------- listings
-def webdataset_shards(data: DataConfig, split: str) -> tuple[list[str], list[str], int]:
-    """``(tars, index files, samples)`` of ``{root}/{split}`` as written by ``python -m pipelines.pack``."""
+def webdataset_shards(data: DataConfig, split: str) -> tuple[list[str], list[str], int, list[Member]]:
+    """``(tars, index files, samples, jpg members)`` of ``{root}/{split}`` as written by
+    ``python -m pipelines.pack``; a member is named ``TAR:OFFSET:KEY.jpg`` as DALI names it."""
     folder = split_dir(data, split)
     made_by = (f"expected {folder}/<prefix>-NNNNNN.tar each with its DALI index <prefix>-NNNNNN.idx, made by "
                f"`python -m pipelines.pack --src <ImageFolder split> --dst {folder}`")
@@ -128,23 +129,30 @@ def webdataset_shards(data: DataConfig, split: str) -> tuple[list[str], list[str
     if not tars:
         raise DataError(f"no webdataset shards in {folder} ({'missing folder' if not folder.is_dir() else 'no .tar'}"
                         f"); {made_by}, or set data.layout=folder")
-    total, indices = 0, []
+    total, indices, members = 0, [], []
     for tar in tars:
         idx = tar.with_suffix(".idx")
         if not idx.is_file():
             raise DataError(f"{tar} has no index file {idx}; {made_by} (or DALI's `wds2idx {tar} {idx}`)")
-        header = idx.read_text().split("\n", 1)[0].split()
-        if len(header) != 2 or not header[1].isdigit():
+        lines = idx.read_text().splitlines()
+        header = lines[0].split() if lines else []
+        if len(header) != 2 or header[0] != "v1.2" or not header[1].isdigit():
             raise DataError(f"{idx}: first line is {' '.join(header)!r}, expected 'v1.2 <samples>'; {made_by}")
         total += int(header[1])
         indices.append(str(idx))
+        members += [(f"{tar}:{offset}:{name}", str(tar), int(offset), int(size))
+                    for line in lines[1:] for ext, offset, size, name in zip(*[iter(line.split())] * 4)
+                    if ext == "jpg"]
+    if data.on_corrupt == "error":
+        refuse_cut_short_jpegs(members, folder, "check the packed ImageFolder with `python -m pipelines.verify`"
+                                                ", fix it and pack again")
     classes_file = folder / "classes.json"
     if classes_file.is_file():
         n_classes = len(json.loads(classes_file.read_text()))
         if n_classes != data.num_classes:
             raise DataError(f"{classes_file} lists {n_classes} classes but data.num_classes is "
                             f"{data.num_classes}; set data.num_classes={n_classes}")
-    return [str(t) for t in tars], indices, total
+    return [str(t) for t in tars], indices, total, members
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -169,12 +177,13 @@ class DaliLoader(BatchLoader):
             if device.type == "cuda" else None
         self.dtype = image_dtype(data, device)
         if data.layout == "webdataset":
-            tars, indices, total = webdataset_shards(data, split)
+            tars, indices, total, self._members = webdataset_shards(data, split)
             self._reader_input = dict(tars=tars, indices=indices)
         else:
             _, samples = folder_samples(data, split)
             total = len(samples)
             self._reader_input = dict(files=[p for p, _ in samples], labels=[label for _, label in samples])
+            self._members = [(path, path, 0, None) for path, _ in samples]
         self.dataset_size = total
         where = f"{split_dir(data, split)} ({data.layout})"
         if self.train:
@@ -192,6 +201,7 @@ class DaliLoader(BatchLoader):
         self._shuffle_seed = data.seed
         self._restore: Optional[dict] = None   # state to resume from at the next build
         self._steps_done = 0                   # of the current train epoch (for mid-epoch state)
+        self._mid_epoch = False                # a DALI epoch has been started and not read to its end
 
     def __len__(self) -> int:
         return self._steps
@@ -215,7 +225,7 @@ class DaliLoader(BatchLoader):
             data=self.data, train=self.train, device="gpu" if self.device_id is not None else "cpu",
             shard_id=self.rank, num_shards=self.world_size, out_dtype=_DALI_DTYPE[self.dtype],
             shuffle_seed=self._shuffle_seed, **self._reader_input,
-            batch_size=self.batch_size, num_threads=self.data.num_threads, device_id=self.device_id,
+            batch_size=self.batch_size, num_threads=max(1, self.data.num_threads), device_id=self.device_id,
             seed=self.data.seed + self.rank,         # augmentation differs per rank; the shuffle does not
             prefetch_queue_depth=self.data.prefetch_queue_depth,
             enable_checkpointing=self.train, checkpoint=checkpoint)
@@ -233,38 +243,60 @@ class DaliLoader(BatchLoader):
         except CorruptImageError:
             raise
         except RuntimeError as exc:
-            self._iterator = None
-            match = _DECODE_FAILURE.search(str(exc))
-            if match is None:
-                raise
+            self._iterator, self._mid_epoch, self._steps_done = None, False, 0
             folder = split_dir(self.data, self.split)
+            match = _DECODE_FAILURE.search(str(exc))
+            if match is not None:
+                culprits = [match.group(1).strip()]
+            elif "decoders." in str(exc):
+                # DALI's decoder failed without naming the file (a header its parser rejects): find it
+                culprits = find_unparsable(self._members, max(1, self.data.num_threads))
+                if not culprits:
+                    raise CorruptImageError(
+                        f"DALI's decoder failed while reading {folder} without naming the file, and no "
+                        f"image there has unparsable headers; run `python -m pipelines.verify` on the image "
+                        f"folder (full decode) to find it. DALI said: {exc}") from exc
+            else:
+                raise
             if self.data.layout == "webdataset":    # DALI names it TAR:OFFSET:KEY.jpg
-                fix = (f"the key is the sample's position in the packed ImageFolder; check that folder with "
-                       f"`python -m pipelines.verify`, fix it and pack again")
+                fix = ("the key is the sample's position in the packed ImageFolder; check that folder with "
+                       "`python -m pipelines.verify`, fix it and pack again")
             else:
                 fix = (f"replace or delete it, or set data.on_corrupt=skip; `python -m pipelines.verify "
                        f"{folder}` lists every bad file")
-            raise CorruptImageError(f"cannot decode {match.group(1).strip()} (truncated or corrupt image) while "
-                                    f"reading {folder}; {fix}") from exc
+            raise CorruptImageError(f"cannot decode {', '.join(culprits[:10])} (truncated or corrupt image) "
+                                    f"while reading {folder}; {fix}") from exc
 
     # --------------------------------------------------------------------------------------- iterating
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterator is not None and not self.train and self._mid_epoch:
+            self._iterator = None               # a val pass was left early: start a fresh, whole one
         if self._iterator is None:
             self._iterator = self._build()
+        if self.train and self._steps_done >= self._steps:
+            for _ in self._dali_batches():      # the last epoch's dropped tail was never read: read it now
+                pass
         step = self._steps_done if self.train else 0
+        for batch in self._dali_batches():
+            if self.train and step >= self._steps:
+                continue                        # past the common step count: read to the epoch end, drop
+            step += 1
+            self._steps_done = step if self.train else 0
+            yield self.to_batch(batch)
+
+    def _dali_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the DALI epoch, without all-padding batches. A train epoch left early (e.g. a
+        steps_per_epoch cap) is continued by the next ``iter()``, so no decoded batch is wasted."""
+        self._mid_epoch = True
         while True:
             with self._naming_bad_files():
                 try:
                     batch = next(self._iterator)[0]
                 except StopIteration:
                     break
-            if batch["images"].shape[0] == 0:    # a rank whose slice ended a batch earlier: padding only
-                continue
-            if self.train and step >= self._steps:
-                continue                          # past the common step count: read to the epoch end, drop
-            step += 1
-            self._steps_done = step if self.train else 0
-            yield self.to_batch(batch)
+            if batch["images"].shape[0] > 0:    # 0: this rank's slice ended a batch before the longest one's
+                yield batch
+        self._mid_epoch = False
         self._steps_done = 0
 
     @staticmethod
@@ -297,5 +329,6 @@ class DaliLoader(BatchLoader):
             raise ValueError(f"DALI {self.split} loader state needs keys dali, shuffle_seed, steps_done; got "
                              f"{sorted(state)}")
         self._iterator = None
+        self._mid_epoch = False
         self._restore = dict(state)
         self._epoch = state.get("epoch", self._epoch)

@@ -5,16 +5,16 @@ import dataclasses
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from fdmobilenet.config import DataConfig
 from pipelines import BatchLoader, CorruptImageError, DataError, build_loader
-from pipelines.base import folder_samples
+from pipelines.base import folder_samples, jpeg_cut_short
 from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
@@ -121,6 +121,23 @@ def test_train_ranks_are_disjoint_with_equal_step_counts(unique_root):
     assert per_epoch[0] != per_epoch[1] != per_epoch[2]
 
 
+def test_epochs_left_early(unique_root):
+    data = small(unique_root, 11)
+    train = build_loader(data, "train", 2, device=CPU)                 # 5 steps, 1 image dropped
+    for epoch in range(2):              # zip stops after len() batches: the dropped tail stays unread
+        train.set_epoch(epoch)
+        assert len([b for _, b in zip(range(len(train)), train)]) == 5
+    capped = []
+    for epoch in range(3):              # a steps_per_epoch cap of 2: the stream continues, nothing wasted
+        train.set_epoch(2 + epoch)
+        capped.append([b[1].tolist() for _, b in zip(range(2), train)])
+    assert [len(c) for c in capped] == [2, 2, 1]                       # epoch 2 has 5 steps: 2 + 2 + 1
+    assert len({l for c in capped for b in c for l in b}) == 10
+    val = build_loader(data, "val", 2, device=CPU)
+    next(iter(val))                     # a val pass left after one batch: the next pass is whole
+    assert epoch_labels(val, 0) == list(range(11))
+
+
 def test_batch_larger_than_a_ranks_share_is_a_clear_error(unique_root):
     with pytest.raises(DataError, match=r"batch size 6 .* 11 training images .* 5"):
         build_loader(small(unique_root, 11), "train", 6, rank=0, world_size=2, device=CPU)
@@ -171,25 +188,48 @@ def truncated_root(photo_root, tmp_path) -> tuple[Path, Path]:
     return root, victim
 
 
-def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
-    root, victim = truncated_root
-    script = textwrap.dedent(f"""
-        import torch
-        from fdmobilenet.config import DataConfig
-        from pipelines import build_loader
-        data = DataConfig(root={str(root)!r}, num_classes=3, crop_size=32, num_threads=1)
-        loader = build_loader(data, "train", 2, device=torch.device("cpu"))
-        for epoch in range(3):
-            loader.set_epoch(epoch)
-            for images, labels in loader:
-                pass
-        print("TRAINED WITHOUT ERROR")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+TRAIN_3_EPOCHS = """
+import torch
+from fdmobilenet.config import DataConfig
+from pipelines import build_loader
+data = DataConfig(root={root!r}, num_classes=3, crop_size=32, num_threads=1)
+loader = build_loader(data, "train", 2, device=torch.device("cpu"))
+for epoch in range(3):
+    loader.set_epoch(epoch)
+    for images, labels in loader:
+        pass
+print("TRAINED WITHOUT ERROR")
+"""
+
+
+def run_training(root: Path) -> list[str]:
+    """Train 3 epochs in a child process (a hang would fail the timeout); the CorruptImageError lines."""
+    done = subprocess.run([sys.executable, "-c", TRAIN_3_EPOCHS.format(root=str(root))], capture_output=True,
+                          text=True, timeout=90)
     assert done.returncode != 0 and "TRAINED WITHOUT ERROR" not in done.stdout
-    error = [line for line in done.stderr.splitlines() if line.startswith("pipelines.base.CorruptImageError")]
+    return [line for line in done.stderr.splitlines() if line.startswith("pipelines.base.CorruptImageError")]
+
+
+def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
+    """Found up front (the GPU decoders would decode it silently, grey where data is missing)."""
+    root, victim = truncated_root
+    error = run_training(root)
+    assert error and error[0].startswith("pipelines.base.CorruptImageError: 1 truncated JPEG(s) in ")
+    assert str(victim) in error[0]
+
+
+def test_undecodable_jpeg_stops_training_with_dalis_error_naming_it(photo_root, tmp_path):
+    """Damage the up-front check cannot see (the file still ends with its end-of-image marker): DALI's
+    decoder fails on it and the loader names the file from DALI's message."""
+    root = tmp_path / "garbled"
+    shutil.copytree(photo_root / "train", root / "train")
+    victim = sorted((root / "train" / "c02").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[2:400] = bytes(398)                                          # headers (tables, frame) zeroed
+    victim.write_bytes(bytes(data))
+    error = run_training(root)
     assert error and error[0].startswith("pipelines.base.CorruptImageError: cannot decode ")
-    assert str(victim) in error[0], done.stderr[-2000:]
+    assert str(victim) in error[0]
 
 
 def test_truncated_jpeg_in_a_shard_names_tar_and_key(truncated_root, tmp_path):
@@ -198,10 +238,39 @@ def test_truncated_jpeg_in_a_shard_names_tar_and_key(truncated_root, tmp_path):
     root, victim = truncated_root
     pack(root / "train", tmp_path / "wds" / "train", shard_size=4, workers=1)
     key = f"{sorted(p for p in (root / 'train').rglob('*.jpg')).index(victim):08d}"
-    loader = build_loader(small(tmp_path / "wds", 3, layout="webdataset"), "train", 2, device=CPU)
-    with pytest.raises(CorruptImageError, match=rf"cannot decode .*train-00000\d\.tar:\d+:{key}\.jpg"):
-        for epoch in range(3):
-            epoch_labels(loader, epoch)
+    with pytest.raises(CorruptImageError, match=rf"1 truncated JPEG.*train-00000\d\.tar:\d+:{key}\.jpg"):
+        build_loader(small(tmp_path / "wds", 3, layout="webdataset"), "train", 2, device=CPU)
+
+
+def test_garbled_headers_in_a_shard_are_found_and_named(photo_root, tmp_path):
+    from pipelines.pack import pack
+
+    src = tmp_path / "garbled" / "train"
+    shutil.copytree(photo_root / "train", src)
+    victim = sorted(src.rglob("*.jpg"))[4]
+    data = bytearray(victim.read_bytes())
+    data[2:400] = bytes(398)
+    victim.write_bytes(bytes(data))
+    pack(src, tmp_path / "wds" / "train", shard_size=4, workers=1)
+    loader = build_loader(small(tmp_path / "wds", 3, layout="webdataset"), "train", 11, device=CPU)
+    with pytest.raises(CorruptImageError, match=r"cannot decode .*train-000001\.tar:\d+:00000004\.jpg"):
+        list(loader)
+
+
+def test_cut_short_check_reads_the_end_marker_and_confirms(photo_root, tmp_path):
+    good = sorted((photo_root / "val").rglob("*.jpg"))[0]
+    data = good.read_bytes()
+    padded, cut, png = tmp_path / "padded.jpg", tmp_path / "cut.jpg", tmp_path / "png.jpg"
+    padded.write_bytes(data + bytes(100) + b"trailing bytes some writers leave")   # still a good image
+    cut.write_bytes(data[:-300])
+    Image.open(good).save(png, format="PNG")
+    assert not jpeg_cut_short(str(good)) and not jpeg_cut_short(str(padded))
+    assert jpeg_cut_short(str(cut)) and not jpeg_cut_short(str(png))      # PNGs are left to the decoders
+    # the same check on a member inside a container file: offset and size
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"x" * 100 + data + data[:-300])
+    assert not jpeg_cut_short(str(blob), 100, len(data))
+    assert jpeg_cut_short(str(blob), 100 + len(data), len(data) - 300)
 
 
 def test_on_corrupt_skip_drops_the_file_up_front(truncated_root):
