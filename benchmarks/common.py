@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
-from fdmobilenet.logs import run_metadata
+# torch (and fdmobilenet, which imports it) load inside the functions that need them: collect_results.py
+# uses the table and file helpers after every run_gpu.sh step and should not pay torch's import each time.
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_HEADER = ("# Benchmark results\n\nMeasured numbers only. Each entry names its machine, device, versions, "
@@ -52,6 +51,8 @@ def _nvidia_driver() -> str:
 
 def environment(argv: Sequence[str]) -> dict:
     """Everything a number needs beside it: code (commit, command), versions, machine and device."""
+    import torch
+    from fdmobilenet.logs import run_metadata
     meta = run_metadata(list(argv))
     meta["cpu"] = _cpu_model()
     meta["cores"] = len(os.sched_getaffinity(0))
@@ -78,12 +79,13 @@ def describe(meta: dict) -> str:
             f"`{meta.get('command')}`")
 
 
-def sync(device: torch.device) -> None:
+def sync(device: "torch.device") -> None:
     if device.type == "cuda":
+        import torch
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: "torch.device") -> float:
     """Seconds of ``fn()``, with the device idle at both ends (queued GPU work is counted, not skipped)."""
     sync(device)
     start = time.perf_counter()

@@ -211,41 +211,47 @@ def model_only(args, info: DistInfo, width: float, batch: int, fwd_flops: int, p
     return rows
 
 
-def end_to_end(args, info: DistInfo, loader_name: str, widths, batch: int, flops: dict,
-               peak: Optional[float], flush: Callable[[dict], None]) -> None:
+def end_to_end(args, info: DistInfo, widths, batch: int, flops: dict, peak: Optional[float],
+               flush: Callable[[dict], None]) -> None:
     import pipelines
-    overrides = [f"data.root={args.data_root}", f"data.loader={loader_name}",
-                 f"data.crop_size={args.image_size}", *args.set]
-    if args.loader_threads:
-        overrides.append(f"data.num_threads={args.loader_threads}")
-    data = load_experiment(overrides=overrides).data
-    started = time.perf_counter()
-    loader = pipelines.build_loader(data, "train", batch, rank=info.rank, world_size=info.world_size,
-                                    local_rank=info.local_rank, device=info.device)
-    batches = endless(loader)
-    first_images, _ = next(batches)
-    build_s = time.perf_counter() - started
-    # queued batches (DataLoader: workers x prefetch factor; DALI: queue depth) are drained by the warm-up
-    queued = data.prefetch_queue_depth * (data.num_threads if loader_name == "torchvision" else 1)
-    name = args.e2e_variant
-    v = VARIANTS[name]
+    from pipelines.base import image_dtype
+
+    def data_config(loader_name: str):
+        return load_experiment(overrides=[
+            f"data.root={args.data_root}", f"data.loader={loader_name}", f"data.crop_size={args.image_size}",
+            f"data.num_threads={args.loader_threads}", *args.set]).data
+
+    v = VARIANTS[args.e2e_variant]
+    dtype = image_dtype(data_config(args.loaders[0]), info.device)   # what the loaders hand over
+    # Ceilings first, before any loader exists: its workers / threads would share the CPU with them.
+    ceilings = {}
     for width in widths:
-        ceiling = Runner(build_trainer(width, v, info, args.compile_backend),
-                         synthetic_batches(batch, args.image_size, first_images.dtype, v.channels_last,
-                                           info.device), batch, info)
-        ceiling.warm_up(args.warmup, args.window_s)
-        c = ceiling.result([ceiling.window() for _ in range(args.windows)], flops[width], peak)
-        e2e = Runner(ceiling.t, batches, batch, info)
-        e2e.warm_up(args.warmup + queued, args.window_s)
-        row = e2e.result([e2e.window() for _ in range(args.windows)], flops[width], peak)
-        row.update({"mode": "end-to-end", "width": width, "batch": batch, "world_size": info.world_size,
-                    "variant": name, "data": loader_name, "loader_threads": data.num_threads,
-                    "loader_start_s": round(build_s, 2), "ceiling_img_s": c["img_s"],
-                    "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3)})
-        flush(row)
-        del ceiling, e2e
-    batches.close()
-    del loader
+        r = Runner(build_trainer(width, v, info, args.compile_backend),
+                   synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device), batch, info)
+        r.warm_up(args.warmup, args.window_s)
+        ceilings[width] = (r.t, r.result([r.window() for _ in range(args.windows)], flops[width], peak))
+    for loader_name in args.loaders:
+        data = data_config(loader_name)
+        started = time.perf_counter()
+        loader = pipelines.build_loader(data, "train", batch, rank=info.rank, world_size=info.world_size,
+                                        local_rank=info.local_rank, device=info.device)
+        batches = endless(loader)
+        next(batches)
+        start_s = time.perf_counter() - started
+        # batches queued while idle (DataLoader: workers x prefetch factor; DALI: queue depth) are drained by
+        # the warm-up, so that no timed window starts on a full queue
+        queued = data.prefetch_queue_depth * (data.num_threads if loader_name == "torchvision" else 1)
+        for width, (trainer, c) in ceilings.items():
+            e2e = Runner(trainer, batches, batch, info)
+            e2e.warm_up(args.warmup + queued, args.window_s)
+            row = e2e.result([e2e.window() for _ in range(args.windows)], flops[width], peak)
+            row.update({"mode": "end-to-end", "width": width, "batch": batch, "world_size": info.world_size,
+                        "variant": args.e2e_variant, "data": loader_name, "loader_threads": data.num_threads,
+                        "loader_start_s": round(start_s, 2), "ceiling_img_s": c["img_s"],
+                        "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3)})
+            flush(row)
+        batches.close()   # ends the DataLoader workers / DALI pipeline before the next loader starts
+        del loader, batches
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -283,7 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--variants", type=csv_list(str), default=list(VARIANTS),
                     help=f"model-only variants, comma-separated, or none ({', '.join(VARIANTS)})")
     ap.add_argument("--loaders", type=csv_list(str), default=[],
-                    help="end-to-end loaders: dali, torchvision (comma-separated; default none)")
+                    help="end-to-end loaders, run in this order: torchvision, dali (comma-separated; default "
+                         "none). torchvision first: its workers fork before DALI starts threads")
     ap.add_argument("--e2e-widths", type=csv_list(float), default=None, help="default: --widths")
     ap.add_argument("--e2e-variant", default="auto",
                     help="variant for end to end; auto = the trainer's defaults (compiled on CUDA, "
@@ -365,10 +372,9 @@ def main(argv=None) -> int:
             for width in args.widths if args.variants else []:
                 attempt(f"model-only {width}x batch {batch}",
                         lambda: [flush(row) for row in model_only(args, info, width, batch, flops[width], peak)])
-            for loader_name in args.loaders:
-                attempt(f"end-to-end {loader_name} batch {batch}",
-                        lambda: end_to_end(args, info, loader_name, args.e2e_widths or args.widths, batch, flops,
-                                           peak, flush))
+            if args.loaders:
+                attempt(f"end-to-end batch {batch}",
+                        lambda: end_to_end(args, info, args.e2e_widths or args.widths, batch, flops, peak, flush))
     finally:
         flush()
         shutdown()

@@ -1,0 +1,114 @@
+"""The benchmark scripts run end to end: run_gpu.sh --cpu does every step of the GPU measurement at toy size
+(real photo JPEGs, real DALI CPU pipeline and DataLoader, torch.compile, torchrun with 1 and 2 gloo ranks)
+and leaves every section in results.json / results.md. No throughput number is asserted: only that each
+step ran and produced finite, positive, complete results.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import collect_results  # noqa: E402
+import common  # noqa: E402
+
+
+def run_script(out: Path, work: Path, timeout: int, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu.sh"), "--cpu", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable, "BENCH_WORK": str(work), **env})
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
+    proc = run_script(out, work, timeout=420)
+    return proc, out
+
+
+def test_cpu_run_every_step_passes(cpu_run):
+    proc, out = cpu_run
+    res = json.loads((out / "results.json").read_text())
+    failed = [s for s in res["steps"] if s["status"] != "ok"]
+    assert not failed and proc.returncode == 0, (failed, proc.stdout[-3000:], (out / "log.txt").read_text()[-6000:])
+    assert [s["name"] for s in res["steps"]] == ["dataset", "flops", "ceilings", "end_to_end", "pipeline", "ddp",
+                                                 "ddp_gloo_1", "ddp_gloo_2"]
+    # at most 6 files come back from the GPU machine; the script writes 3
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.md"]
+
+
+def test_cpu_run_sections_complete(cpu_run):
+    _, out = cpu_run
+    res = json.loads((out / "results.json").read_text())
+    for section in collect_results.SECTIONS:
+        assert res[section]["status"] == "ok", section
+    assert res["meta"]["git_commit"] and res["meta"]["command"] and res["meta"]["versions"]["torch"]
+    assert res["dataset"]["params"]["num_train"] == 64
+    assert all(row["ok"] for row in res["flops"]["rows"])
+
+    ceilings = res["ceilings"]["result"]
+    assert not ceilings["errors"]
+    assert [r["variant"] for r in ceilings["rows"]] == ["eager_fp32_nchw", "channels_last", "channels_last_bf16",
+                                                         "compiled"]
+    for r in ceilings["rows"]:
+        assert r["img_s"] > 0 and math.isfinite(r["loss"]) and len(r["windows_img_s"]) == 3
+        assert r["peak_mem_mib"] == "n/a" and r["mfu_pct"] == "n/a"   # CPU: no device memory, no bf16 peak
+
+    e2e = res["end_to_end"]["result"]
+    assert not e2e["errors"]
+    assert [r["data"] for r in e2e["rows"]] == ["torchvision", "dali"]
+    for r in e2e["rows"]:
+        assert r["img_s"] > 0 and r["ceiling_img_s"] > 0
+        assert r["e2e_vs_ceiling"] == pytest.approx(r["img_s"] / r["ceiling_img_s"], rel=0.01)
+
+    loaders = {r["loader"] for r in res["pipeline"]["result"]["results"]}
+    assert loaders == {"torchvision", "dali"}
+    assert [e["epoch"] for e in res["ddp"]["epochs"]] == [0, 1]
+    ovh = res["ddp_overhead"]
+    assert [r["world_size"] for r in ovh["rows"]] == [1, 2] and ovh["overhead_pct"] is not None
+
+    md = (out / "results.md").read_text()
+    for heading in ("## Steps", "## Dataset", "## FLOPs check", "## Model-only ceilings", "## End to end",
+                    "## Data pipeline alone", "## torchrun + train_ddp.py", "## DDP overhead"):
+        assert heading in md
+
+
+def test_time_box_records_timeouts_and_skips(tmp_path):
+    """A step cut by the total budget is recorded as timed out, later ones as skipped, and the results are
+    still written with every section (what the GPU run relies on when it runs out of time)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = run_script(out, work, timeout=120, BENCH_TOTAL_S="25")
+    assert proc.returncode == 1
+    res = json.loads((out / "results.json").read_text())
+    status = {s["name"]: s["status"] for s in res["steps"]}
+    assert status["dataset"] == "ok"
+    assert "timeout" in status.values() and status["ddp_gloo_2"] == "skipped", status
+    assert set(collect_results.SECTIONS) <= set(res)
+    assert "skipped" in (out / "results.md").read_text()
+
+
+def test_record_edits_only_its_section(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    common.record("A", "one", path)
+    assert path.read_text().startswith("# Benchmark results")
+    other = "\n## B\n\nkept as is\n  with odd spacing  \n"
+    path.write_text(path.read_text() + other)
+    common.record("A", "two", path)
+    common.record("C", "three", path)
+    text = path.read_text()
+    assert text.index("one") < text.index("two") < text.index("## B") < text.index("## C") < text.index("three")
+    assert other.strip("\n") in text
+
+
+def test_interleave_runs_variants_in_rounds():
+    calls = []
+    out = common.interleave({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2}, 3)
+    assert calls == ["a", "b"] * 3 and out == {"a": [1, 1, 1], "b": [2, 2, 2]}
