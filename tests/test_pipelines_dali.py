@@ -335,3 +335,21 @@ def test_webdataset_without_shards_is_a_clear_error(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match=r"no webdataset shards in .*train .*pipelines.pack"):
         build_loader(small(tmp_path, 3, layout="webdataset"), "train", 2, device=CPU)
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU for DALI's mixed (nvJPEG) decode; the same graph runs on the CPU above")
+def test_gpu_placement_matches_the_cpu_graph(photo_root, truncated_root):
+    gpu = torch.device("cuda", 0)
+    data = small(photo_root, 3, train_crop="random", color_jitter=(0.4, 0.4, 0.4, 0.1))
+    for images, labels in build_loader(data, "train", 4, device=gpu):
+        assert images.device == labels.device == gpu and images.dtype == torch.float16
+        assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
+    on_gpu = list(build_loader(data, "val", 7, device=gpu))[0]
+    on_cpu = list(build_loader(data, "val", 7, device=CPU))[0]
+    assert torch.equal(on_gpu[1].cpu(), on_cpu[1])
+    assert (on_gpu[0].float().cpu() - on_cpu[0]).abs().mean() < 0.05     # nvJPEG vs libjpeg-turbo
+    root, victim = truncated_root                 # nvJPEG decodes it silently: the up-front check names it
+    with pytest.raises(CorruptImageError, match=victim.name):
+        build_loader(small(root, 3), "train", 2, device=gpu)
