@@ -16,6 +16,10 @@ the reader's name, so it knows the shard sizes and removes the padding duplicate
 dataset every epoch (``shuffle_after_epoch``: one permutation per epoch, the same on every rank since the
 seed is shared, each rank reading its own slice, so ranks stay disjoint); val reads a fixed slice per rank
 (``stick_to_shard``) so every image is counted exactly once across ranks.
+
+Damaged images: truncated JPEGs are refused before the first batch (pipelines.base.refuse_cut_short_jpegs:
+the GPU decoders would decode them silently); any other decode failure stops the epoch with a
+CorruptImageError naming the file - from DALI's message, or from a header scan when DALI names none.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import contextlib
 import json
 import math
 import re
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
