@@ -1,0 +1,146 @@
+"""Process-group setup for torchrun, SLURM (srun) and a plain single process; rank-aware helpers.
+
+One process per accelerator. The rank layout comes from, in order:
+  * torchrun's RANK / LOCAL_RANK / WORLD_SIZE (+ MASTER_ADDR / MASTER_PORT, set by torchrun itself);
+  * SLURM's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS when the job runs one task per GPU under ``srun``
+    without torchrun. The master is the first host of ``scontrol show hostnames $SLURM_JOB_NODELIST`` unless
+    MASTER_ADDR is set, and the port is 29500 + (job id mod 10000) unless MASTER_PORT is set, so two jobs
+    sharing a node do not collide;
+  * neither: a single process, no process group at all (collectives below become no-ops).
+
+Backend: NCCL when the process drives a CUDA device, gloo on CPU. A second, gloo, group carries the small
+host-side control messages (the preemption flag): polling it needs no CUDA synchronisation.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+# A dead peer must end the job, not leave the others waiting for the 10-minute default; 5 minutes still
+# covers the slowest legitimate wait (rank 0 writing a checkpoint while the others sit in the next collective).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    control_group: Optional[Any] = None   # gloo group for host-side flags; None on a single process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: set MASTER_ADDR to the first "
+                           "node's address, or launch with torchrun")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"could not expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames' "
+                           f"({e}); set MASTER_ADDR yourself") from e
+    return out[0]
+
+
+def _env_from_slurm() -> None:
+    """Translate srun's task variables into the ones torch.distributed's env:// reads."""
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _slurm_master_addr()
+    job = int(os.environ.get("SLURM_JOB_ID", "0"))
+    os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT + job % 10000))
+
+
+def resolve_device(preference: str, local_rank: int) -> torch.device:
+    """``auto`` takes this rank's GPU when CUDA is there, else the CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use train.device=auto or cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
+                           f"start at most that many processes per node (--nproc_per_node)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group described by the environment (see module docstring)."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        _env_from_slurm()
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if world_size == 1:
+        return DistInfo(rank, local_rank, 1, dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
+                            device_id=dev if dev.type == "cuda" else None)
+    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return DistInfo(rank, local_rank, world_size, dev, control)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (the normal end of a run; an error path exits without it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank seeds: same model init is guaranteed by DDP's broadcast, not by the seed, and different
+    ranks must not draw the same random numbers (dropout, any host-side augmentation)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is True on any rank. Host-only (gloo control group)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
+    return bool(t.item())
+
+
+def gather_to_main(obj: Any, info: DistInfo) -> Optional[list]:
+    """Every rank's ``obj`` as a list on rank 0 (None elsewhere), over the host-side control group."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0, group=info.control_group)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier(group=info.control_group)
