@@ -46,11 +46,13 @@ if [[ $CPU -eq 1 ]]; then
   TOTAL_S=${BENCH_TOTAL_S:-900}        # generous: the budgets below only catch hangs
   # 64 photos: decode cost per image is what matters here, not the count
   NUM_TRAIN=64; NUM_VAL=16; CLASSES=8
-  TT=(--device cpu --threads "$NPROC" --batch-sizes 8 --warmup 2 --windows 3 --window-s 0.2)
+  # 128 px crops: the model's share of a CPU step shrinks 3x; the loaders still decode the full 500x375 JPEGs
+  TT=(--device cpu --threads "$NPROC" --batch-sizes 8 --image-size 128 --warmup 2 --windows 3 --window-s 0.2)
   CEIL=(--widths 0.25 --compile-backend aot_eager)   # inductor's C++ builds take minutes on 2 cores
   E2E=(--widths 0.25 --loader-threads "$NPROC")
   PIPE=(--device cpu --batch 8 --steps 2 --rounds 3 --warmup 1 --threads "$NPROC")
-  DDP=(--model 0.25x-FDMobileNet-224 optim.batch_size=8 train.steps_per_epoch=3 train.device=cpu)
+  DDP=(--model 0.25x-FDMobileNet-224 optim.batch_size=8 train.steps_per_epoch=3 train.device=cpu data.crop_size=128
+       data.val_resize=146 data.val_crop=128)
   B_SET=60; B_FLOPS=60; B_CEIL=240; B_E2E=240; B_PIPE=180; B_DDP=180; B_OVH=240
 else
   MODE=gpu
@@ -131,7 +133,7 @@ if [[ $CPU -eq 1 ]]; then
   # DDP cost on gloo: the same per-rank step, 1 rank vs 2 ranks (1 thread each, so they do not share a core)
   for n in 1 2; do
     step "ddp_gloo_$n" "$B_OVH" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
-      benchmarks/train_throughput.py --ddp --device cpu --threads 1 --widths 0.25 --batch-sizes 8 \
+      benchmarks/train_throughput.py --ddp --device cpu --threads 1 --widths 0.25 --batch-sizes 8 --image-size 128 \
       --variants channels_last --warmup 2 --windows 3 --window-s 0.3 --json "$WORK/ddp_gloo_$n.json"
   done
 fi

@@ -205,10 +205,25 @@ def model_only(args, info: DistInfo, width: float, batch: int, fwd_flops: int, p
     windows = interleave({name: r.window for name, r in runners.items()}, args.windows)
     rows = []
     for name, r in runners.items():
-        rows.append({"mode": "ddp" if info.distributed else "model-only", "width": width, "batch": batch,
+        rows.append({"mode": "ddp" if args.ddp else "model-only", "width": width, "batch": batch,
                      "world_size": info.world_size, "variant": name, "data": "synthetic",
                      **r.result(windows[name], fwd_flops, peak)})
+        if info.distributed:
+            rows[-1]["allreduce_ms"] = round(1e3 * allreduce_seconds(r.t.module, info), 3)
     return rows
+
+
+def allreduce_seconds(module: nn.Module, info: DistInfo, reps: int = 20) -> float:
+    """Median time of one all-reduce of all gradients as one fp32 buffer (what DDP's buckets carry per step,
+    without overlap with the backward pass)."""
+    grads = torch.randn(sum(p.numel() for p in module.parameters()), device=info.device)
+    for _ in range(3):
+        dist.all_reduce(grads)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        times.append(timed(lambda: dist.all_reduce(grads), info.device))
+    return median(times)
 
 
 def end_to_end(args, info: DistInfo, widths, batch: int, flops: dict, peak: Optional[float],
@@ -258,7 +273,8 @@ def end_to_end(args, info: DistInfo, widths, batch: int, flops: dict, peak: Opti
 COLUMNS = (("mode", "mode"), ("width", "width"), ("batch", "batch/rank"), ("world_size", "ranks"),
            ("variant", "variant"), ("data", "data"), ("img_s", "img/s"), ("step_ms", "step ms"),
            ("spread_pct", "spread %"), ("peak_mem_mib", "peak MiB"), ("mfu_pct", "MFU %"),
-           ("first_step_s", "1st step s"), ("ceiling_img_s", "ceiling img/s"), ("e2e_vs_ceiling", "e2e/ceiling"))
+           ("first_step_s", "1st step s"), ("ceiling_img_s", "ceiling img/s"), ("e2e_vs_ceiling", "e2e/ceiling"),
+           ("allreduce_ms", "all-reduce ms"))
 
 
 def report_markdown(result: dict) -> str:
