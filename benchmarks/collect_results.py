@@ -126,7 +126,8 @@ def markdown(res: dict) -> str:
     d = res["ddp"]
     out += ["", "## torchrun + train_ddp.py (DALI)", "", f"{d['status']}: {d['note']}"]
     if d["epochs"]:
-        out += ["", markdown_table(d["epochs"], (("epoch", "epoch"), ("img_s", "img/s"),
+        rounded = [{k: round(v, 3) if isinstance(v, float) else v for k, v in e.items()} for e in d["epochs"]]
+        out += ["", markdown_table(rounded, (("epoch", "epoch"), ("img_s", "img/s"),
                                                  ("epoch_time_s", "epoch s"), ("train_loss", "loss"),
                                                  ("val_top1", "val top-1")))]
     o = res["ddp_overhead"]
@@ -137,14 +138,32 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def record_run(results_md: Path, results: Path | None = None) -> None:
+    """Append a fetched results.md to RESULTS.md (or ``results``), its headings one level down so that they
+    stay inside the appended section."""
+    from common import RESULTS, record
+    text = results_md.read_text().splitlines()
+    mode = "GPU" if "(GPU run)" in text[0] else "CPU"
+    body = ["#" + line if line.startswith("## ") else line for line in text[1:]]
+    record(f"run_gpu.sh ({mode})", "\n".join(body).strip("\n"), results or RESULTS)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", choices=("gpu", "cpu"), required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--total-s", type=int, required=True)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="After a GPU run: python benchmarks/collect_results.py --record "
+                                        "OUT/results.md appends it to benchmarks/RESULTS.md")
+    ap.add_argument("--record", metavar="RESULTS_MD", help="only append this results.md to RESULTS.md")
+    ap.add_argument("--work")
+    ap.add_argument("--out")
+    ap.add_argument("--mode", choices=("gpu", "cpu"))
+    ap.add_argument("--data")
+    ap.add_argument("--total-s", type=int)
     args = ap.parse_args(argv)
+    if args.record:
+        record_run(Path(args.record))
+        return 0
+    if None in (args.work, args.out, args.mode, args.data, args.total_s):
+        ap.error("--work, --out, --mode, --data and --total-s are required (or --record FILE)")
     res = collect(Path(args.work), args.mode, Path(args.data), args.total_s)
     write_json(Path(args.out) / "results.json", res)
     (Path(args.out) / "results.md").write_text(markdown(res))

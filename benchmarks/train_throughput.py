@@ -284,6 +284,7 @@ def report_markdown(result: dict) -> str:
              f"TFLOP/s. Forward MACs/image: "
              + ", ".join(f"{w}x {macs:,}" for w, macs in result["macs_per_image"].items())
              + f". Windows: {result['settings']['windows']} x ~{result['settings']['window_s']} s, median. "
+               f"fp32 variants run with TF32 allowed on CUDA (the trainer's setup_backends). "
                f"Peak RSS {result.get('peak_rss_mib', '?')} MiB.", "",
              markdown_table(result["rows"], COLUMNS)]
     if result.get("errors"):
