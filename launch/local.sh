@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Train on this machine: torchrun, one process per GPU (auto-detected), or 2 CPU processes on gloo.
+#
+#   launch/local.sh CONFIG.yaml [--label NAME] [section.key=value ...]     (arguments go to train_ddp.py)
+#
+# Environment: NPROC_PER_NODE (default: GPU count, else 2), MAX_RESTARTS (default 0; >0 restarts every
+# worker after a crash, and the trainer resumes from checkpoints/{label}.pth.tar), OMP_NUM_THREADS,
+# PYTHON, TRAIN, plus the NCCL knobs in launch/common.sh.
+# Exit code: the trainer's (0 done; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint — run again to resume),
+# or torchrun's 1 when a worker failed.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(omp_threads_for "$NPROC_PER_NODE")}
+# --standalone: a private c10d store on a free local port, so two local jobs never collide.
+exec "${TORCHRUN[@]}" --standalone --nnodes=1 "--nproc-per-node=$NPROC_PER_NODE" "$TRAIN" "$@"
