@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import math
 import os
 import resource
@@ -226,8 +227,11 @@ def allreduce_seconds(module: nn.Module, info: DistInfo, reps: int = 20) -> floa
     return median(times)
 
 
-def end_to_end(args, info: DistInfo, widths, batch: int, flops: dict, peak: Optional[float],
+def end_to_end(args, info: DistInfo, width: float, batch: int, fwd_flops: int, peak: Optional[float],
                flush: Callable[[dict], None]) -> None:
+    """The e2e variant's synthetic ceiling, then each loader in turn feeding that same trainer. Loaders are
+    built per width and closed after it: the ceiling runs while no loader's workers or threads compete for
+    the CPU, and each width's rows are flushed before the next width starts."""
     import pipelines
     from pipelines.base import image_dtype
 
@@ -238,13 +242,10 @@ def end_to_end(args, info: DistInfo, widths, batch: int, flops: dict, peak: Opti
 
     v = VARIANTS[args.e2e_variant]
     dtype = image_dtype(data_config(args.loaders[0]), info.device)   # what the loaders hand over
-    # Ceilings first, before any loader exists: its workers / threads would share the CPU with them.
-    ceilings = {}
-    for width in widths:
-        r = Runner(build_trainer(width, v, info, args.compile_backend),
-                   synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device), batch, info)
-        r.warm_up(args.warmup, args.window_s)
-        ceilings[width] = (r.t, r.result([r.window() for _ in range(args.windows)], flops[width], peak))
+    ceiling = Runner(build_trainer(width, v, info, args.compile_backend),
+                     synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device), batch, info)
+    ceiling.warm_up(args.warmup, args.window_s)
+    c = ceiling.result([ceiling.window() for _ in range(args.windows)], fwd_flops, peak)
     for loader_name in args.loaders:
         data = data_config(loader_name)
         started = time.perf_counter()
@@ -253,20 +254,20 @@ def end_to_end(args, info: DistInfo, widths, batch: int, flops: dict, peak: Opti
         batches = endless(loader)
         next(batches)
         start_s = time.perf_counter() - started
-        # batches queued while idle (DataLoader: workers x prefetch factor; DALI: queue depth) are drained by
-        # the warm-up, so that no timed window starts on a full queue
+        # batches queued while the warm-up starts (DataLoader: workers x prefetch factor; DALI: queue depth)
+        # are drained by it, so that no timed window starts on a full queue
         queued = data.prefetch_queue_depth * (data.num_threads if loader_name == "torchvision" else 1)
-        for width, (trainer, c) in ceilings.items():
-            e2e = Runner(trainer, batches, batch, info)
-            e2e.warm_up(args.warmup + queued, args.window_s)
-            row = e2e.result([e2e.window() for _ in range(args.windows)], flops[width], peak)
-            row.update({"mode": "end-to-end", "width": width, "batch": batch, "world_size": info.world_size,
-                        "variant": args.e2e_variant, "data": loader_name, "loader_threads": data.num_threads,
-                        "loader_start_s": round(start_s, 2), "ceiling_img_s": c["img_s"],
-                        "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3)})
-            flush(row)
-        batches.close()   # ends the DataLoader workers / DALI pipeline before the next loader starts
-        del loader, batches
+        e2e = Runner(ceiling.t, batches, batch, info)
+        e2e.warm_up(args.warmup + queued, args.window_s)
+        row = e2e.result([e2e.window() for _ in range(args.windows)], fwd_flops, peak)
+        row.update({"mode": "end-to-end", "width": width, "batch": batch, "world_size": info.world_size,
+                    "variant": args.e2e_variant, "data": loader_name, "loader_threads": data.num_threads,
+                    "loader_start_s": round(start_s, 2), "ceiling_img_s": c["img_s"],
+                    "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3)})
+        flush(row)
+        batches.close()
+        del loader, batches, e2e
+        gc.collect()   # ends the DataLoader's persistent workers / the DALI pipeline before the next loader
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -389,9 +390,9 @@ def main(argv=None) -> int:
             for width in args.widths if args.variants else []:
                 attempt(f"model-only {width}x batch {batch}",
                         lambda: [flush(row) for row in model_only(args, info, width, batch, flops[width], peak)])
-            if args.loaders:
-                attempt(f"end-to-end batch {batch}",
-                        lambda: end_to_end(args, info, args.e2e_widths or args.widths, batch, flops, peak, flush))
+            for width in args.e2e_widths or args.widths if args.loaders else []:
+                attempt(f"end-to-end {width}x batch {batch}",
+                        lambda: end_to_end(args, info, width, batch, flops[width], peak, flush))
     finally:
         flush()
         shutdown()
