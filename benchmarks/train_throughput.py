@@ -55,7 +55,8 @@ from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_optimizer, build_scheduler
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s. First match of the device name.
-PEAK_BF16_DENSE = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
+PEAK_BF16_DENSE = (("H100 PCIe", 756e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12), ("H200 NVL", 835.5e12),
+                   ("H200", 989.4e12), ("A100", 312e12))
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,7 @@ class Runner:
 
     def warm_up(self, steps: int, window_s: float) -> None:
         self.first_step_s = timed(lambda: self.run(1), self.info.device)
-        if steps > 1:
-            self.run(steps - 2)
+        self.run(max(0, steps - 2))
         step_s = timed(lambda: self.run(1), self.info.device)
         wanted = torch.tensor(float(min(200, max(2, math.ceil(window_s / step_s)))))
         if self.info.distributed:    # every rank must run the same number of steps

@@ -74,6 +74,7 @@ def test_cpu_run_sections_complete(cpu_run):
     assert [e["epoch"] for e in res["ddp"]["epochs"]] == [0, 1]
     ovh = res["ddp_overhead"]
     assert [r["world_size"] for r in ovh["rows"]] == [1, 2] and ovh["overhead_pct"] is not None
+    assert ovh["rows"][1]["allreduce_ms"] > 0   # one gloo all-reduce of all gradients, timed
 
     md = (out / "results.md").read_text()
     for heading in ("## Steps", "## Dataset", "## FLOPs check", "## Model-only ceilings", "## End to end",
