@@ -19,7 +19,8 @@ from common import markdown_table, write_json   # noqa: E402  (this folder, also
 SECTIONS = ("dataset", "flops", "ceilings", "end_to_end", "pipeline", "ddp", "ddp_overhead")
 TT_COLUMNS = (("width", "width"), ("batch", "batch/rank"), ("variant", "variant"), ("data", "data"),
               ("img_s", "img/s"), ("step_ms", "step ms"), ("spread_pct", "spread %"),
-              ("peak_mem_mib", "peak MiB"), ("mfu_pct", "MFU %"), ("first_step_s", "1st step s"))
+              ("peak_mem_mib", "peak MiB"), ("mfu_pct", "MFU %"), ("first_step_s", "1st step s"),
+              ("compile_s", "compile s"))
 
 
 def read_json(path: Path):

@@ -78,13 +78,15 @@ DATA="$BASE/photos-$NUM_TRAIN-$CLASSES"
   echo "run_gpu.sh mode=$MODE started $(date -u +%FT%TZ) on $(hostname), $NPROC cores, python: $PY"
   echo "plan: total budget ${TOTAL_S}s; data set $DATA ($NUM_TRAIN train + $NUM_VAL val JPEGs, $CLASSES classes)"
   command -v nvidia-smi >/dev/null && nvidia-smi 2>&1
-  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' 2>&1
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
+             "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' 2>&1
 } >> "$LOG"
 if "$PY" -c 'import nvidia.dali as d; print("DALI", d.__version__)' >> "$LOG" 2>&1; then
   DDP_LOADER=dali
 else
   DDP_LOADER=synthetic   # the DALI rows fail and say so; the DDP run still measures the trainer
-  echo "DALI is not importable: end-to-end/pipeline DALI rows will fail; the DDP step uses data.loader=synthetic" | tee -a "$LOG"
+  echo "DALI is not importable: the end-to-end/pipeline DALI rows will fail; the DDP step uses" \
+       "data.loader=synthetic" | tee -a "$LOG"
 fi
 
 collect() {
@@ -108,7 +110,9 @@ step() {
     timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
     cat "$WORK/$name.log" >> "$LOG"
-    if [[ $rc -eq 0 ]]; then status=ok; elif [[ $rc -eq 124 || $rc -eq 137 ]]; then status=timeout; else status=failed; fi
+    if [[ $rc -eq 0 ]]; then status=ok
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then status=timeout
+    else status=failed; fi
   fi
   local secs=$(( $(date +%s) - start ))
   [[ $status == ok ]] || FAILED=1
