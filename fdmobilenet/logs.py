@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -32,10 +33,10 @@ def run_metadata(argv: list[str]) -> dict:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            p = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return ""
+        return p.stdout.strip() if p.returncode == 0 else ""   # not a git checkout (e.g. a copied tree)
 
     versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for name in ("torchvision", "nvidia.dali"):
@@ -43,11 +44,12 @@ def run_metadata(argv: list[str]) -> dict:
             versions[name] = str(__import__(name, fromlist=["__version__"]).__version__)
         except ImportError:
             pass
-    return {"git_commit": git("rev-parse", "HEAD") or "unknown",
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    commit = git("rev-parse", "HEAD")
+    return {"git_commit": commit or "unknown",
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
             "command": shlex.join([sys.executable, *argv]), "host": platform.node(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"}
 
 
 def format_metrics(m: dict) -> str:
