@@ -3,7 +3,7 @@
 One process per accelerator. The rank layout comes from, in order:
   * torchrun's RANK / LOCAL_RANK / WORLD_SIZE (+ MASTER_ADDR / MASTER_PORT, set by torchrun itself);
   * SLURM's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS when the job runs one task per GPU under ``srun``
-    without torchrun. The master is the first host of ``scontrol show hostnames $SLURM_JOB_NODELIST`` unless
+    without torchrun (``srun -n 8 --kill-on-bad-exit=1 python train_ddp.py ...``). The master is the first host of ``scontrol show hostnames $SLURM_JOB_NODELIST`` unless
     MASTER_ADDR is set, and the port is 29500 + (job id mod 10000) unless MASTER_PORT is set, so two jobs
     sharing a node do not collide;
   * neither: a single process, no process group at all (collectives below become no-ops).
@@ -87,7 +87,10 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by the environment (see module docstring)."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+    # SLURM_STEP_ID: only inside an srun step are the task variables this process's own; the batch shell
+    # also carries SLURM_PROCID=0 / SLURM_NTASKS=N, and a plain python there is one process, not rank 0 of N.
+    if ("RANK" not in os.environ and "SLURM_STEP_ID" in os.environ
+            and int(os.environ.get("SLURM_NTASKS", 1)) > 1):
         _env_from_slurm()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
