@@ -37,6 +37,7 @@ def parse_args(argv):
     ap.add_argument("--data", help="data config (a path or a name in configs/data/)")
     ap.add_argument("--model", help="model config, or a width multiplier such as 0.25")
     ap.add_argument("--print-freq", type=int, default=0, help="report progress every N batches")
+    ap.add_argument("--ema", action="store_true", help="evaluate the EMA weights the trainer saved (optim.ema_decay)")
     ap.add_argument("--batch-size", type=int, default=100, help="per-rank batch (default 100)")
     ap.add_argument("--labels-from-folder-names", action="store_true",
                     help="class folders are named by the model's output index (e.g. 281/), see above")
@@ -68,7 +69,10 @@ def main(argv=None) -> None:
     info = init_distributed(cfg.train.device)
     try:
         # The classifier's size comes from the weights, so a 1000-class file can score a 3-folder set.
-        num_classes = strip_prefixes(model_state_dict(ckpt, args.checkpoint))["classifier.weight"].shape[0]
+        if args.ema and not ckpt.get("ema"):
+            raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights (trained with optim.ema_decay=0)")
+        weights = ckpt["ema"] if args.ema else model_state_dict(ckpt, args.checkpoint)
+        num_classes = strip_prefixes(weights)["classifier.weight"].shape[0]
         label_map = None
         if args.labels_from_folder_names:
             classes, _ = find_classes(str(split_dir(cfg.data, "val")))
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
             raise ValueError(f"{args.checkpoint} has {num_classes} outputs but data.num_classes is "
                              f"{cfg.data.num_classes}; pick the matching --data, or --labels-from-folder-names")
         module = FDMobileNet(cfg.model.width_mult, num_classes=num_classes, dropout=cfg.model.dropout)
-        load_weights(module, ckpt, args.checkpoint)
+        load_weights(module, weights, args.checkpoint)
         del ckpt
         cfg.train.compile = "off" if cfg.train.compile == "auto" else cfg.train.compile   # one pass: no gain
         _, model = prepare_model(module, cfg.train, info)

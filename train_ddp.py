@@ -132,7 +132,9 @@ def save_state(t: Trainer, cfg: ExperimentConfig, loader, epoch: int, step_in_ep
         "name": cfg.model.name, "state_dict": strip_prefixes(t.module.state_dict()),
         "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler else None,
-        "ema": strip_prefixes(t.ema.state_dict()) if t.ema else None,
+        # EMA as a plain model state_dict (evaluate.py --ema loads it like any weights) + its update count
+        "ema": t.ema.module.state_dict() if t.ema else None,
+        "ema_n_averaged": int(t.ema.n_averaged) if t.ema else 0,
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": t.global_step, "best_top1": best_top1,
         "config": to_dict(cfg), "rng": rngs, "loader": loader.state_dict(), "world_size": t.info.world_size}
     for path in paths:
@@ -148,7 +150,8 @@ def restore_state(t: Trainer, ckpt: dict, loader, path: str) -> tuple[int, int, 
     if t.scaler is not None and ckpt.get("scaler"):
         t.scaler.load_state_dict(ckpt["scaler"])
     if t.ema is not None and ckpt.get("ema"):
-        t.ema.load_state_dict(ckpt["ema"])
+        load_weights(t.ema.module, ckpt["ema"], f"{path} (ema)")
+        t.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
     t.global_step = ckpt["global_step"]
     loader.load_state_dict(ckpt.get("loader") or {})
     same_layout = ckpt.get("world_size") == t.info.world_size   # then each rank gets its own generators back
@@ -228,6 +231,11 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
         remaining = (epochs - m["epoch"]) * steps - m["step"]
         return remaining * (time.perf_counter() - run_start) / max(1, t.global_step - run_step0)
 
+    def preempted(epoch: int, step: int) -> None:
+        log.print(f"preempted ({preempt.signal_name or 'signal on another rank'}) at epoch {epoch + 1} step {step}, "
+                  f"checkpoint saved to {ckpt_path}")
+        log.close(plot=False)
+
     def after_step(steps_done: int) -> bool:
         """Step checkpoints and the agreed reaction to a preemption signal; True stops the epoch."""
         epoch = progress["epoch"]
@@ -237,8 +245,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
         if stop or (train_cfg.save_every_steps > 0 and t.global_step % train_cfg.save_every_steps == 0):
             save_state(t, cfg, train_loader, epoch, steps_done, best_top1, ckpt_path)
         if stop:
-            log.print(f"preempted ({preempt.signal_name or 'signal on another rank'}) at epoch {epoch + 1} "
-                      f"step {steps_done}, checkpoint saved to {ckpt_path}")
+            preempted(epoch, steps_done)
         return stop
 
     for epoch in range(start_epoch, epochs):
@@ -266,8 +273,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
         log.epoch(summary)
         save_state(t, cfg, train_loader, epoch + 1, 0, best_top1, ckpt_path, *([best_path] if is_best else []))
         if not last and any_rank(preempt.requested, info):
-            log.print(f"preempted ({preempt.signal_name or 'signal on another rank'}) at epoch {epoch + 2} "
-                      f"step 0, checkpoint saved to {ckpt_path}")
+            preempted(epoch + 1, 0)
             return
     log.print(f"done: best val top-1 {best_top1:.2f}%, checkpoint {ckpt_path}, logs {log.dir}/{train_cfg.label}.csv"
               f", {(time.perf_counter() - run_start) / 60:.1f} min")

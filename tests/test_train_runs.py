@@ -57,7 +57,7 @@ def digits_run(digits: Path, out: Path, label: str, *extra: str) -> list[str]:
             "data.num_threads=0", "data.crop_size=32", "data.val_resize=36", "data.val_crop=32",
             "optim.batch_size=16", "optim.base_batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0",
             "sched.type=step", f"train.output_dir={out}", "train.steps_per_epoch=6", "train.print_freq=2",
-            "train.deterministic=true", "train.plot=false", *extra]
+            "optim.ema_decay=0.9", "train.deterministic=true", "train.plot=false", *extra]
 
 
 def assert_same_state(a: Path, b: Path) -> None:
@@ -66,6 +66,9 @@ def assert_same_state(a: Path, b: Path) -> None:
     assert ca["state_dict"].keys() == cb["state_dict"].keys()
     for key, value in ca["state_dict"].items():
         assert torch.equal(value, cb["state_dict"][key]), f"{key} differs between {a.name} and {b.name}"
+    for key, value in ca["ema"].items():
+        assert torch.equal(value, cb["ema"][key]), f"EMA {key} differs between {a.name} and {b.name}"
+    assert ca["ema_n_averaged"] == cb["ema_n_averaged"] == ca["global_step"]
     for key, value in ca["optimizer"]["state"].items():
         assert torch.equal(value["momentum_buffer"], cb["optimizer"]["state"][key]["momentum_buffer"])
 
@@ -97,12 +100,14 @@ def test_resume_is_exact_at_epoch_boundary_and_mid_epoch(digits, tmp_path):
     assert (tmp_path / "mid.csv").read_text().count("\n") == 3
     assert "git_commit" in (tmp_path / "mid.config.yaml").read_text()
 
-    # the trainer's --evaluate and evaluate.py agree with the val top-1 logged for the last epoch
-    logged = json.loads((tmp_path / "straight.jsonl").read_text().splitlines()[-1])["val_top1"]
-    for out in (ok(run("train_ddp.py", *digits_run(digits, tmp_path, "straight"), "--evaluate")),
-                ok(run("evaluate.py", "--checkpoint", str(tmp_path / "straight.pth.tar"), "--print-freq", "2"))):
+    # the trainer's --evaluate and evaluate.py (weights, and --ema) agree with the last epoch's logged top-1
+    logged = json.loads((tmp_path / "straight.jsonl").read_text().splitlines()[-1])
+    ckpt = str(tmp_path / "straight.pth.tar")
+    for key, out in (("val_top1", ok(run("train_ddp.py", *digits_run(digits, tmp_path, "straight"), "--evaluate"))),
+                     ("val_top1", ok(run("evaluate.py", "--checkpoint", ckpt, "--print-freq", "2"))),
+                     ("ema_val_top1", ok(run("evaluate.py", "--checkpoint", ckpt, "--ema")))):
         top1 = float(re.search(r"top-1 ([\d.]+)%", out).group(1))
-        assert top1 == pytest.approx(logged, abs=0.01) and "(359 images)" in out
+        assert top1 == pytest.approx(logged[key], abs=0.01) and "(359 images)" in out
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
