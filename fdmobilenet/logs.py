@@ -164,6 +164,8 @@ class RunLogger:
                 if points:
                     ax.plot(*zip(*points), marker=".", label=key)
             ax.set_title(title)
+            if title == "loss":
+                ax.set_yscale("log")   # early val-loss spikes (BN statistics catching up) would flatten the rest
             ax.set_xlabel("epoch")
             ax.legend()
         fig.suptitle(self.label)
