@@ -110,6 +110,21 @@ def test_resume_is_exact_at_epoch_boundary_and_mid_epoch(digits, tmp_path):
         assert top1 == pytest.approx(logged[key], abs=0.01) and "(359 images)" in out
 
 
+def test_mid_epoch_resume_is_exact_with_dali_reader_state(digits, tmp_path):
+    """DALI's loader checkpoints its reader and RNG: the trainer saves that state and, on resume, lets the
+    loader continue by itself instead of skipping batches. DALI CPU graph, one thread: bit-identical."""
+    dali = ["data.loader=dali", "data.num_threads=1", "train.save_every_steps=4"]
+    ok(run("train_ddp.py", *digits_run(digits, tmp_path, "straight", *dali)))
+    crashed = run("train_ddp.py", *digits_run(digits, tmp_path, "mid", *dali), env={"FDM_TEST_RAISE_AT_STEP": "9"})
+    assert crashed.returncode != 0
+    # DALI's own reader state; its epoch is the whole digits set, which the 6-step trainer epochs continue
+    # through, so 8 batches of it are done (6 in trainer epoch 1, 2 in epoch 2)
+    assert load_checkpoint(tmp_path / "mid.pth.tar")["loader"]["steps_done"] == 8
+    resumed = ok(run("train_ddp.py", *digits_run(digits, tmp_path, "mid", *dali)))
+    assert "resumed from" in resumed and "epoch 2 step 2" in resumed
+    assert_same_state(tmp_path / "straight.pth.tar", tmp_path / "mid.pth.tar")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     words = ["--config", "demo", "data.loader=synthetic", "data.crop_size=32", "data.val_crop=32",
              "optim.batch_size=8", "train.steps_per_epoch=10", "train.save_every_steps=2", "train.print_freq=100",
