@@ -1,0 +1,125 @@
+"""Helpers for the launch / fault tests (test_launch_*, test_elastic, test_preemption, test_bad_input): short
+real training runs of train_ddp.py on scikit-learn's digits, started through the project's launch scripts,
+and the process plumbing to watch and signal them (log lines, process groups, torchrun's children via /proc).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+# Test-only fault hooks read by fdmobilenet.engine: never inherited by accident from the caller's environment.
+FAULT_HOOKS = ("FDM_TEST_RAISE_AT_STEP", "FDM_TEST_RAISE_RANK", "FDM_TEST_NAN_AT_STEP")
+
+
+def build_digits(root: Path) -> Path:
+    """The demo data set (1,797 real handwritten digits), at 32 px so a training step takes milliseconds."""
+    from pipelines.demo_data import build_digits as build
+    build(root, size=32)
+    return root
+
+
+def run_words(digits: Path, out: Path, label: str, *extra: str, steps: int = 4, batch: int = 16) -> list[str]:
+    """train_ddp.py arguments for a short run of the demo experiment (DALI, as the demo) on CPU: one epoch of
+    ``steps`` steps at a global batch of ``batch``, a log line per step, everything under ``out``."""
+    return ["--config", "demo", f"--label={label}", f"data.root={digits}", "data.crop_size=32",
+            "data.val_resize=36", "data.val_crop=32", f"optim.batch_size={batch}", "optim.epochs=1",
+            f"train.steps_per_epoch={steps}", "train.print_freq=1", f"train.output_dir={out}",
+            "train.plot=false", *extra]
+
+
+def env(**extra: str) -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in FAULT_HOOKS}
+    e.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", **extra)
+    return e
+
+
+def start(cmd: list[str], log: Path, **env_extra: str) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (so the test can signal its whole process group, as SLURM does),
+    stdout and stderr into ``log``."""
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def run(cmd: list[str], log: Path, timeout: float, **env_extra: str) -> tuple[int, str]:
+    """Run ``cmd`` to the end (bounded); returns (exit code, log text)."""
+    p = start(cmd, log, **env_extra)
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not end within {timeout} s; log:\n{tail(log)}")
+    return rc, log.read_text(errors="replace")
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """Clean-up after a failed test: the process group AND every descendant (torchrun starts each worker in
+    a session of its own, out of reach of a signal to its group)."""
+    for pid in [*descendants(p.pid), p.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
+
+
+def wait_for(log: Path, pattern: str, timeout: float, proc: subprocess.Popen | None = None) -> re.Match:
+    """Poll ``log`` until ``pattern`` (a regex) appears; fails early if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while time.monotonic() < deadline:
+        m = rx.search(log.read_text(errors="replace")) if log.exists() else None
+        if m:
+            return m
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (exit {proc.returncode}) before /{pattern}/; log:\n{tail(log)}")
+        time.sleep(0.1)
+    raise AssertionError(f"no /{pattern}/ within {timeout} s; log:\n{tail(log)}")
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` from /proc (torchrun's workers are its children)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def global_steps(text: str, steps_per_epoch: int) -> list[int]:
+    """Global steps of the trainer's per-step lines ``epoch E/N step s/S``."""
+    return [(int(e) - 1) * steps_per_epoch + int(s) for e, s in re.findall(r"epoch (\d+)/\d+ step (\d+)/\d+", text)]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
