@@ -143,7 +143,3 @@ def gather_to_main(obj: Any, info: DistInfo) -> Optional[list]:
     dist.gather_object(obj, out, dst=0, group=info.control_group)
     return out
 
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier(group=info.control_group)
