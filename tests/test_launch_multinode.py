@@ -1,0 +1,67 @@
+"""Two "nodes" on one machine: two launch/multinode.sh (torchrun --nnodes=2 --nproc-per-node=2, c10d
+rendezvous on 127.0.0.1) make a world of 4 that trains the demo to the same weights as one launch/local.sh
+with 4 processes.
+
+Why the two runs must agree: the global batch (16) and the world size (4) are the same, the ranks are
+0..3 in both (the two agents get node ranks 0 and 1 in either order: each node's workers are then ranks
+2*node_rank + local_rank, and rank r reads shard r of the data with the DALI seed of rank r), DDP starts
+every rank from rank 0's weights and averages the same four gradients, and BatchNorm statistics are per rank
+(the same 4-image batches) with DDP broadcasting rank 0's buffers. Only the order of the floating-point
+additions inside the all-reduce could differ, hence a float tolerance rather than equality.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from fdmobilenet.checkpoint import load_checkpoint
+from launch_support import LAUNCH, build_digits, kill_group, run, run_words, start, tail
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return build_digits(tmp_path_factory.mktemp("digits"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_two_equal_one_node_of_four(digits, tmp_path):
+    words = run_words(digits, tmp_path, "two-nodes", steps=STEPS)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [start([str(LAUNCH / "multinode.sh"), "--nnodes", "2", "--endpoint", endpoint,
+                    "--job-id", "test-two-nodes", "--nproc-per-node", "2", "--", *words],
+                   tmp_path / f"node{i}.log", MAX_RESTARTS="0") for i in (0, 1)]
+    try:
+        codes = [n.wait(timeout=180) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                kill_group(n)
+    logs = [(tmp_path / f"node{i}.log").read_text(errors="replace") for i in (0, 1)]
+    assert codes == [0, 0], f"exit codes {codes}\n{tail(tmp_path / 'node0.log')}\n{tail(tmp_path / 'node1.log')}"
+    main_log = next(text for text in logs if "rank(s) on cpu" in text)    # rank 0's node
+    assert "4 rank(s) on cpu, batch 4/rank = 16 global" in main_log and "done: best val top-1" in main_log
+
+    rc, text = run([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, "one-node", steps=STEPS)],
+                   tmp_path / "one-node.log", timeout=180, NPROC_PER_NODE="4")
+    assert rc == 0 and "4 rank(s) on cpu, batch 4/rank = 16 global" in text, text[-3000:]
+
+    two, one = load_checkpoint(tmp_path / "two-nodes.pth.tar"), load_checkpoint(tmp_path / "one-node.pth.tar")
+    assert two["global_step"] == one["global_step"] == STEPS
+    assert one["state_dict"].keys() == two["state_dict"].keys()
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # the steps really trained: SGD momentum buffers (the running sum of the averaged gradients) are non-zero
+    # and the same in both runs
+    for key, state in one["optimizer"]["state"].items():
+        assert state["momentum_buffer"].abs().sum() > 0
+        torch.testing.assert_close(two["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=1e-4, atol=1e-6)
