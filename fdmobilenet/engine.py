@@ -132,12 +132,14 @@ class Trainer:
         self.first_bad_step = torch.tensor(-1, device=self.info.device)
 
     def check_finite(self, epoch: int) -> None:
-        """Raise NonFiniteLossError if any rank saw a non-finite loss (a sync; call at log/save points)."""
+        """Raise NonFiniteLossError if any rank saw a non-finite loss (a sync; call at log/save points).
+        ``epoch`` counts from 0, as everywhere in the code; messages show it from 1, as the log lines do."""
         bad = self.first_bad_step.clone()
         if self.info.distributed:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item() >= 0:
-            raise NonFiniteLossError(f"training loss is NaN/Inf at epoch {epoch}, global step {bad.item()}; "
+            raise NonFiniteLossError(f"training loss is NaN/Inf in epoch {epoch + 1}, at global step {bad.item()} "
+                                     f"(counted from 0); "
                                      f"stopped without saving, the last checkpoint is the last good state. "
                                      f"Lower optim.lr or raise optim.warmup_epochs")
 

@@ -131,7 +131,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
              f"train.output_dir={tmp_path}", "--label=nan"]
     p = run("train_ddp.py", *words, env={"FDM_TEST_NAN_AT_STEP": "3"})
     assert p.returncode != 0
-    assert "NonFiniteLossError: training loss is NaN/Inf at epoch 0, global step 3" in p.stderr
+    assert "NonFiniteLossError: training loss is NaN/Inf in epoch 1, at global step 3 (counted from 0)" in p.stderr
     ck = load_checkpoint(tmp_path / "nan.pth.tar")      # written after 2 steps; the save at 4 was refused
     assert ck["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
