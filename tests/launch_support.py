@@ -37,7 +37,7 @@ def run_words(digits: Path, out: Path, label: str, *extra: str, steps: int = 4, 
 
 def env(**extra: str) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in FAULT_HOOKS}
-    e.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", **extra)
+    e.update({"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra})
     return e
 
 
