@@ -210,8 +210,16 @@ def train_one_epoch(t: Trainer, batches, epoch: int, steps: int, start_step: int
     batches = iter(batches)
     window_loss = torch.zeros((), device=device)
     window_correct = torch.zeros((), device=device, dtype=torch.long)
-    totals = torch.zeros(3, device=device, dtype=torch.float64)   # loss sum, correct, samples
-    window_steps, wait, steps_done = 0, 0.0, start_step
+    totals = torch.zeros(2, device=device, dtype=torch.float64)   # loss sum, correct (samples: on the host)
+    samples, window_steps, window_samples, wait, steps_done = 0, 0, 0, 0.0, start_step
+
+    def fold_window() -> None:
+        nonlocal samples
+        totals.add_(torch.stack([window_loss.double() * (window_samples / window_steps), window_correct.double()]))
+        samples += window_samples
+        window_loss.zero_()
+        window_correct.zero_()
+
     sync(device)
     window_start = time.perf_counter()
     for step in range(start_step, steps):
@@ -222,31 +230,25 @@ def train_one_epoch(t: Trainer, batches, epoch: int, steps: int, start_step: int
         window_loss += loss
         window_correct += correct
         window_steps += 1
+        window_samples += labels.shape[0]
         steps_done = step + 1
         if steps_done % print_freq == 0 or steps_done == steps:
             sync(device)
             elapsed = time.perf_counter() - window_start
             t.check_finite(epoch)
-            n = window_steps * labels.shape[0]
-            totals += torch.stack([window_loss.double() * labels.shape[0], window_correct.double(),
-                                   torch.tensor(float(n), device=device, dtype=torch.float64)])
             log_step({"epoch": epoch, "step": steps_done, "steps": steps, "global_step": t.global_step,
-                      "loss": window_loss.item() / window_steps, "top1": 100.0 * window_correct.item() / n,
-                      "lr": t.optimizer.param_groups[0]["lr"],
-                      "img_s": n * t.info.world_size / elapsed, "data_wait": wait / elapsed,
+                      "loss": window_loss.item() / window_steps,
+                      "top1": 100.0 * window_correct.item() / window_samples, "lr": t.optimizer.param_groups[0]["lr"],
+                      "img_s": window_samples * t.info.world_size / elapsed, "data_wait": wait / elapsed,
                       "step_time": elapsed / window_steps})
-            window_loss.zero_()
-            window_correct.zero_()
-            window_steps, wait = 0, 0.0
+            fold_window()
+            window_steps, window_samples, wait = 0, 0, 0.0
             window_start = time.perf_counter()
         if after_step(steps_done):
             break
     if window_steps:   # stopped between print points (preemption): fold in the rest
-        totals += torch.stack([window_loss.double() * labels.shape[0], window_correct.double(),
-                               torch.tensor(float(window_steps * labels.shape[0]), device=device,
-                                            dtype=torch.float64)])
-    all_reduce_sum(totals, t.info)
-    loss_sum, correct, samples = totals.tolist()
+        fold_window()
+    loss_sum, correct, samples = all_reduce_sum(torch.cat([totals, totals.new_tensor([samples])]), t.info).tolist()
     return {"train_loss": loss_sum / max(samples, 1), "train_top1": 100.0 * correct / max(samples, 1),
             "steps_done": steps_done}
 
@@ -262,20 +264,19 @@ def evaluate(model: nn.Module, loader, info: DistInfo, amp_dtype: Optional[torch
     possibly smaller), then one all-reduce adds the sums: no image is counted twice or dropped.
     """
     model.eval()
-    sums = torch.zeros(4, device=info.device, dtype=torch.float64)   # loss, top-1 hits, top-5 hits, images
+    sums = torch.zeros(3, device=info.device, dtype=torch.float64)   # loss, top-1 hits, top-5 hits
+    n = 0   # images, counted on the host: a device tensor made per batch would be a copy (and a sync) each
     for i, (images, labels) in enumerate(loader):
         if label_map is not None:
             labels = label_map[labels]
         with autocast(info.device, amp_dtype):
             output = model(images)
         loss = F.cross_entropy(output.float(), labels, reduction="sum")
-        hits = correct_topk(output, labels)
-        sums += torch.stack([loss.double(), hits[0].double(), hits[1].double(),
-                             torch.tensor(float(labels.numel()), device=info.device, dtype=torch.float64)])
+        sums += torch.cat([loss.double()[None], correct_topk(output, labels).double()])
+        n += labels.shape[0]
         if print_freq and (i + 1) % print_freq == 0 and info.is_main:
-            print(f"  eval batch {i + 1}/{len(loader)}  (rank 0: {int(sums[3].item())} images so far)", flush=True)
-    all_reduce_sum(sums, info)
-    loss, top1, top5, n = sums.tolist()
+            print(f"  eval batch {i + 1}/{len(loader)}  (rank 0: {n} images so far)", flush=True)
+    loss, top1, top5, n = all_reduce_sum(torch.cat([sums, sums.new_tensor([n])]), info).tolist()
     if n == 0:
         raise RuntimeError("the validation loader yielded no images")
     return {"val_loss": loss / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n, "val_images": int(n)}
