@@ -63,6 +63,12 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def model_input(images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Loaders hand over float16 on GPU (data.dtype auto: half the bytes); autocast takes it as it is, a
+    full-precision model (train.amp=off) needs float32. Memory format (channels_last) is kept."""
+    return images.float() if amp_dtype is None and images.dtype != torch.float32 else images
+
+
 def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optional[torch.amp.GradScaler]:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none."""
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -149,7 +155,7 @@ class Trainer:
             raise RuntimeError(f"FDM_TEST_RAISE_AT_STEP: injected failure on rank {self.info.rank} "
                                f"at global step {self.global_step}")
         with autocast(self.info.device, self.amp_dtype):
-            output = self.model(images)
+            output = self.model(model_input(images, self.amp_dtype))
             loss = self.criterion(output, labels)
         if self.global_step == _NAN_AT:
             loss = loss * float("nan")
@@ -270,7 +276,7 @@ def evaluate(model: nn.Module, loader, info: DistInfo, amp_dtype: Optional[torch
         if label_map is not None:
             labels = label_map[labels]
         with autocast(info.device, amp_dtype):
-            output = model(images)
+            output = model(model_input(images, amp_dtype))
         loss = F.cross_entropy(output.float(), labels, reduction="sum")
         sums += torch.cat([loss.double()[None], correct_topk(output, labels).double()])
         n += labels.shape[0]

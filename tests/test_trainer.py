@@ -117,6 +117,13 @@ def test_amp_bf16_trains_on_cpu_with_ema():
     assert not torch.equal(ema_w, w) and torch.isfinite(ema_w).all()   # EMA tracks, lagging behind
 
 
+def test_float16_batches_train_without_amp():
+    """data.dtype auto hands float16 to a GPU model; with train.amp=off the step must still run (in fp32)."""
+    t, images, labels = tiny_trainer(TrainConfig(amp="off", compile="off"))
+    loss, _ = t.step(images.half(), labels)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_compile_matches_eager():
     """Same init, same batch: one compiled and one eager training step give the same loss and gradients to
     float tolerance (later steps drift apart chaotically: BN over 8 samples at a 1x1 map amplifies rounding).
