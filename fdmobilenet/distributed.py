@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_PORT = 29500
-# A dead peer must end the job, not leave the others waiting for the 10-minute default; 5 minutes still
-# covers the slowest legitimate wait (rank 0 writing a checkpoint while the others sit in the next collective).
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+# Long on purpose: before the first all-reduce every rank compiles the model on its own (minutes with
+# compile_mode=max-autotune), and a rank that finished early must not time out waiting. A dead peer does not
+# rely on this timeout: the launcher ends the job (torchrun stops the other workers when one exits non-zero;
+# srun --kill-on-bad-exit=1), and gloo peers see the closed connection at once.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
