@@ -16,7 +16,10 @@ Any config field can be overridden: `--set optim.lr=0.2` (repeatable) or trailin
 A run continues from {output_dir}/{label}.pth.tar when that file exists (train.auto_resume; --fresh starts
 over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step, save a checkpoint that
 records the step, and exit with code 0 (so torchrun does not count it as a failure; the SLURM script requeues).
-Any error on any rank ends the whole job with a non-zero code and the traceback, never a hang.
+Any error on any rank prints its traceback and exits 1 at once; the launcher (torchrun, srun
+--kill-on-bad-exit) then stops the other ranks, so the job ends non-zero instead of hanging.
+Test-only fault injection (never set outside tests): FDM_TEST_RAISE_AT_STEP, FDM_TEST_NAN_AT_STEP
+(fdmobilenet/engine.py).
 """
 from __future__ import annotations
 
