@@ -80,11 +80,14 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device; use train.device=auto or cpu")
-    if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible; "
-                           f"start at most that many processes per node (--nproc_per_node)")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    visible = torch.cuda.device_count()
+    # One visible GPU: the launcher bound this process to it (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES).
+    index = 0 if visible == 1 else local_rank
+    if index >= visible:
+        raise RuntimeError(f"local rank {local_rank} has no GPU: only {visible} visible; start at most that "
+                           f"many processes per node (--nproc_per_node), or bind one GPU per process")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
