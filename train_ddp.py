@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import pipelines
-from fdmobilenet.checkpoint import load_checkpoint, load_weights, save_checkpoint, strip_prefixes
+from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, strip_prefixes
 from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, load_experiment, to_dict
 from fdmobilenet.distributed import (DistInfo, any_rank, gather_to_main, init_distributed, seed_everything,
                                      shutdown)
@@ -174,7 +174,10 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
     best_path = os.path.join(train_cfg.output_dir, f"{train_cfg.label}_best.pth.tar")
     ckpt = None
     if args.resume or (train_cfg.auto_resume and not args.fresh and os.path.isfile(ckpt_path)):
-        ckpt = load_checkpoint(ckpt_path)   # a missing or corrupt file is an error naming it
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except CheckpointError as e:   # missing (--resume) or corrupt: the message names the file
+            raise CheckpointError(f"{e}; or start this label over with --fresh") from e
         if not args.evaluate and from_dict(ckpt["config"]).optim.batch_size != optim_cfg.batch_size:
             raise ValueError(f"{ckpt_path} was trained with optim.batch_size="
                              f"{ckpt['config']['optim']['batch_size']}; resuming with {optim_cfg.batch_size} "
