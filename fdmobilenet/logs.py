@@ -21,6 +21,12 @@ import torch
 import yaml
 
 
+# Columns of the per-epoch CSV; an epoch without validation (train.eval_every > 1) or without EMA leaves
+# those cells empty.
+EPOCH_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "img_s", "epoch_time_s", "val_loss", "val_top1",
+                "val_top5", "val_images", "ema_val_top1")
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -133,7 +139,7 @@ class RunLogger:
         self.history.append(summary)
         new = not self.csv_path.is_file()
         with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(summary))
+            writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, restval="")
             if new:
                 writer.writeheader()
             writer.writerow(summary)

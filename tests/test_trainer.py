@@ -145,3 +145,25 @@ def test_accuracy_topk():
     output = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.8, 0.1, 0.05, 0.03, 0.01, 0.0]])
     top1, top5 = accuracy(output, torch.tensor([1, 5]))
     assert top1 == 50.0 and top5 == 50.0
+
+
+def test_run_logger_files_and_resume_truncation(tmp_path):
+    """Per-epoch CSV/JSONL with a fixed header (epochs without validation leave cells empty); a resumed run
+    keeps the epochs before its start and drops the ones it will run again."""
+    import csv
+    import json
+
+    from fdmobilenet.logs import RunLogger
+    log = RunLogger(str(tmp_path), "r", enabled=True)
+    log.epoch({"epoch": 0, "lr": 0.1, "train_loss": 2.0, "train_top1": 10.0, "img_s": 5.0, "epoch_time_s": 1.0})
+    log.epoch({"epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_top1": 50.0, "img_s": 5.0, "epoch_time_s": 1.0,
+               "val_loss": 1.2, "val_top1": 40.0, "val_top5": 90.0, "val_images": 10})
+    log.epoch({"epoch": 2, "lr": 0.01, "train_loss": 0.5, "train_top1": 80.0, "img_s": 5.0, "epoch_time_s": 1.0})
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [r["val_top1"] for r in rows] == ["", "40.0", ""]
+    resumed = RunLogger(str(tmp_path), "r", enabled=True, start_epoch=2)
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "r.jsonl")] == [0, 1]
+    assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
+    assert resumed.close(plot=True) == tmp_path / "r.png" and (tmp_path / "r.png").stat().st_size > 0
+    assert RunLogger(str(tmp_path / "other"), "r", enabled=False).write_config({}, {}) is None   # rank > 0
+    assert not (tmp_path / "other").exists()
