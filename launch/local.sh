@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Train on this machine: torchrun, one process per GPU (auto-detected), or 2 CPU processes on gloo.
 #
-#   launch/local.sh CONFIG.yaml [--label NAME] [section.key=value ...]     (arguments go to train_ddp.py)
+#   launch/local.sh --config CONFIG.yaml [--label NAME] [section.key=value ...]  (arguments go to train_ddp.py)
 #
 # Environment: NPROC_PER_NODE (default: GPU count, else 2), MAX_RESTARTS (default 0; >0 restarts every
 # worker after a crash, and the trainer resumes from checkpoints/{label}.pth.tar), OMP_NUM_THREADS,
 # PYTHON, TRAIN, plus the NCCL knobs in launch/common.sh.
-# Exit code: the trainer's (0 done; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint — run again to resume),
-# or torchrun's 1 when a worker failed.
+# Exit code: 0 when the run is done, and also when only the workers got SIGTERM/SIGUSR1 (they checkpoint at
+# the next agreed step, print "preempted ... checkpoint saved" and exit 0: run the command again to resume);
+# 1 when a worker failed, or when torchrun itself was signalled (it re-raises the signal after its workers
+# have checkpointed and exited; the "preempted" line tells the two apart).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}

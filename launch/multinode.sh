@@ -2,7 +2,7 @@
 # Train on N nodes: run this once on every node; torchrun's c10d rendezvous assigns the ranks.
 #
 #   launch/multinode.sh [--nnodes N] [--endpoint HOST:PORT] [--job-id ID] [--nproc-per-node K]
-#                       [--] CONFIG.yaml [--label NAME] [section.key=value ...]
+#                       [--] --config CONFIG.yaml [--label NAME] [section.key=value ...]
 #
 # Each option falls back to the environment: NNODES, RDZV_ENDPOINT (or MASTER_ADDR:MASTER_PORT), JOB_ID,
 # NPROC_PER_NODE (default: GPUs on this node, else 2 CPU processes on gloo). The endpoint is any one node's
@@ -37,7 +37,7 @@ missing=()
 [[ -n $JOB_ID ]] || missing+=("--job-id ID (or JOB_ID; the same on every node)")
 if (( ${#missing[@]} )); then
   printf 'multinode.sh: missing %s\n' "${missing[@]}" >&2
-  echo "usage: launch/multinode.sh --nnodes N --endpoint HOST:PORT --job-id ID [--] CONFIG.yaml [overrides]" >&2
+  echo "usage: launch/multinode.sh --nnodes N --endpoint HOST:PORT --job-id ID [--] --config CONFIG.yaml [overrides]" >&2
   exit 2
 fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
