@@ -75,11 +75,10 @@ run_step_requeue_on_usr1() {
   trap - USR1 TERM
   echo "$(date +%T) step ended with exit code $rc"
   if (( requeue )); then
-    if scontrol requeue "$SLURM_JOB_ID"; then
-      echo "$(date +%T) requeued job $SLURM_JOB_ID (restart count so far: ${SLURM_RESTART_COUNT:-0})"
-    else
+    # said first: a successful requeue ends this shell at once ("CANCELLED ... DUE TO JOB REQUEUE")
+    echo "$(date +%T) requeueing job $SLURM_JOB_ID (restarts so far: ${SLURM_RESTART_COUNT:-0})"
+    scontrol requeue "$SLURM_JOB_ID" ||
       echo "$(date +%T) requeue of job $SLURM_JOB_ID failed: resubmit by hand; training resumes from the checkpoint" >&2
-    fi
   fi
   return "$rc"
 }

@@ -188,6 +188,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(digits, good_check
         limit = None if mounted else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
         p = train(digits, out, "run", "optim.epochs=2", preexec=limit)
         text = assert_fails(p, str(out / "run.pth.tar"))
+        print(("tmpfs" if mounted else "RLIMIT_FSIZE"), text.strip().splitlines()[-1])
         assert ("No space left on device" if mounted else "File too large") in text, text[-3000:]
         assert sha256(out / "run.pth.tar") == before
         assert load_checkpoint(out / "run.pth.tar")["global_step"] == STEPS        # still loads

@@ -97,7 +97,7 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resum
 
     first, sep, second = out.partition(f"job {job} (restart 1)")
     assert sep, f"the job did not run a second time:\n{out[-4000:]}"
-    assert "batch shell: SIGUSR1 -> step" in first and f"requeued job {job}" in first
+    assert "batch shell: SIGUSR1 -> step" in first and f"requeueing job {job}" in first
     m = re.search(r"preempted \(SIGUSR1\) at epoch 1 step (\d+), checkpoint saved", first)
     assert m, first[-4000:]
     step = int(m.group(1))

@@ -59,6 +59,7 @@ def test_sigterm_to_the_job_checkpoints_at_a_step_boundary_and_the_next_run_resu
     # SIGTERM to torchrun's process group: torchrun and both workers get it, as from SLURM at preemption
     rc, seconds, text = signal_mid_epoch(digits, tmp_path, "term", lambda p: os.killpg(p.pid, signal.SIGTERM))
     step = assert_preempted_checkpoint(text, tmp_path, "term", "SIGTERM")
+    print(f"SIGTERM at step >= 3 -> checkpoint at step {step}, job ended {seconds:.1f} s after the signal")
     assert seconds < 60
     assert rc == 1 and "SignalException" in text and "got signal: 15" in text   # torchrun's own exit, see above
     assert "training failed" not in text
