@@ -10,7 +10,6 @@ env:
 
 demo: env
 	$(PY) benchmarks/flops_check.py
-	$(PY) -m fdmobilenet.predict --checkpoint ../shared/fixtures/original/0.25x-FDMobileNet-224.pth.tar --model 0.25 --sample-cat
 	PYTHON=$(PY) bash launch/demo.sh
 
 test: env
