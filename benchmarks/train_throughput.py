@@ -22,7 +22,7 @@ Under torchrun with ``--ddp`` every rank trains its own ``--batch-sizes`` batch 
 rank 0 reports the slowest rank's windows (global img/s = world size x batch / step).
 
     python benchmarks/train_throughput.py --widths 1,0.5,0.25 --batch-sizes 256 --json out.json
-    python benchmarks/train_throughput.py --variants none --loaders dali,torchvision --data-root data/photos
+    python benchmarks/train_throughput.py --variants none --loaders torchvision,dali --data-root data/photos
     torchrun --nproc_per_node 2 benchmarks/train_throughput.py --ddp --variants channels_last --threads 1
 """
 from __future__ import annotations
@@ -34,9 +34,10 @@ import gc
 import math
 import os
 import resource
-import traceback
+import shlex
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -357,10 +358,16 @@ def main(argv=None) -> int:
     setup_backends(info.device, deterministic=False)
     peak, peak_text = peak_bf16(info.device)
     widths = sorted(set(args.widths + (args.e2e_widths or [])), reverse=True)
-    result = {"meta": environment(sys.argv if argv is None else [sys.argv[0], *argv]), "peak": peak_text,
+    command_argv = sys.argv if argv is None else [sys.argv[0], *argv]
+    result = {"meta": environment(command_argv), "peak": peak_text,
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "md", "record")},
               "macs_per_image": {w: count_macs(FDMobileNet(w), args.image_size) for w in widths},
               "rows": [], "errors": []}
+    if "LOCAL_WORLD_SIZE" in os.environ:   # started by torchrun: record the command that starts all ranks
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        result["meta"]["command"] = shlex.join([sys.executable, "-m", "torch.distributed.run",
+                                                f"--nproc_per_node={local}", f"--nnodes={world // local}",
+                                                *command_argv])
     flops = {w: 2 * macs for w, macs in result["macs_per_image"].items()}
     if info.device.type == "cuda":
         result["matmul_bf16_tflops"] = round(matmul_bf16_rate(info.device) / 1e12, 1)
