@@ -28,8 +28,6 @@ rank 0 reports the slowest rank's windows (global img/s = world size x batch / s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import gc
 import math
 import os
@@ -41,14 +39,13 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
-from unittest import mock
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
-from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, load_experiment
+from fdmobilenet.config import CHOICES, OptimConfig, SchedConfig, TrainConfig, load_experiment
 from fdmobilenet.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from fdmobilenet.engine import Trainer, make_grad_scaler, prepare_model, resolve_amp, setup_backends
 from fdmobilenet.flops import count_macs
@@ -96,14 +93,11 @@ def matmul_bf16_rate(device: torch.device, n: int = 8192, reps: int = 10) -> flo
 
 # ------------------------------------------------------------------------------------------ model and step
 def prepare(module: nn.Module, variant: Variant, info: DistInfo, backend: str) -> nn.Module:
-    """engine.prepare_model with the variant's switches. prepare_model compiles with the default backend
-    (inductor); another ``backend`` (aot_eager for the --cpu smoke run, where inductor's C++ builds take
-    minutes on 2 cores) is passed to that same torch.compile call."""
-    cfg = TrainConfig(channels_last=variant.channels_last, compile="on" if variant.compile else "off")
-    patch = (mock.patch.object(torch, "compile", functools.partial(torch.compile, backend=backend))
-             if backend != "inductor" else contextlib.nullcontext())
-    with patch:
-        return prepare_model(module, cfg, info)[0]
+    """engine.prepare_model with the variant's switches (``backend``: aot_eager for the --cpu smoke run,
+    where inductor's C++ builds take minutes on 2 cores)."""
+    cfg = TrainConfig(channels_last=variant.channels_last, compile="on" if variant.compile else "off",
+                      compile_backend=backend)
+    return prepare_model(module, cfg, info)[0]
 
 
 def build_trainer(width: float, variant: Variant, info: DistInfo, backend: str) -> Trainer:
@@ -325,7 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per variant (default 3)")
     ap.add_argument("--window-s", type=float, default=0.5, help="target seconds per window (default 0.5)")
-    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    ap.add_argument("--compile-backend", default="inductor", choices=CHOICES[("train", "compile_backend")],
+                    help="torch.compile backend (default inductor)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--ddp", action="store_true", help="under torchrun: DDP across the ranks (model-only)")

@@ -130,6 +130,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = "auto"                  # auto (on for CUDA) | on | off
     compile_mode: str = "default"          # torch.compile mode: default | reduce-overhead | max-autotune
+    compile_backend: str = "inductor"      # torch.compile backend (aot_eager: no C++/Triton builds, for smoke runs)
     save_every_steps: int = 0              # 0 = once per epoch
     auto_resume: bool = True               # continue from checkpoints/{label}.pth.tar when it exists
     deterministic: bool = False
@@ -164,6 +165,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "amp"): ("auto", "bf16", "fp16", "off"),
     ("train", "compile"): ("auto", "on", "off"),
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    ("train", "compile_backend"): ("inductor", "aot_eager", "eager"),
 }
 
 

@@ -94,7 +94,8 @@ def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple
     if train.channels_last:
         model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN's fast conv kernels want
     if compile_enabled(train, info.device):
-        model = torch.compile(model, mode=None if train.compile_mode == "default" else train.compile_mode)
+        model = torch.compile(model, backend=train.compile_backend,
+                              mode=None if train.compile_mode == "default" else train.compile_mode)
     if not info.distributed:
         return model, model
     ddp = nn.parallel.DistributedDataParallel(
