@@ -89,7 +89,10 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 # ------------------------------------------------------------------------------------------- preemption
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 only set a flag: the ranks act on it together at a step boundary (a rank acting
-    alone would leave the others waiting in the next collective). A second signal ends the process at once."""
+    alone would leave the others waiting in the next collective). Repeats are ignored: SLURM signals every
+    process of the step and torchrun forwards the same signal again milliseconds later, so a worker routinely
+    gets it twice (tests/test_launch_slurm.py). A stuck process is ended by torchrun's --shutdown-timeout,
+    SLURM's KillWait, or SIGINT / SIGKILL."""
 
     def __init__(self):
         self.requested = False
@@ -98,10 +101,8 @@ class PreemptionFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.requested, self.signal_name = True, signal.Signals(signum).name
+        if not self.requested:
+            self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

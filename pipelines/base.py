@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import io
-import multiprocessing as mp
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -199,14 +198,15 @@ def _unparsable(item: Member) -> bool:
 
 def find_unparsable(items: list[Member], workers: int) -> list[str]:
     """Names of the images whose headers PIL cannot parse - the failure that DALI's decoders report without
-    a file name. Reads up to 64 KiB of each file in ``workers`` processes (~120 us per file and process
-    here); meant for that error path, not for every start."""
+    a file name. Reads up to 64 KiB of each file in ``workers`` threads (~120 us per file here); meant for
+    that error path, not for every start. Threads, not a fork Pool: this runs inside the training process,
+    whose DALI / torch threads can hold locks at fork time (a forked child then waited forever)."""
     workers = max(1, min(workers, len(items) // 256))
     if workers == 1:
         flags = [_unparsable(item) for item in items]
     else:
-        with mp.get_context("fork").Pool(workers) as pool:
-            flags = pool.map(_unparsable, items, chunksize=256)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            flags = list(pool.map(_unparsable, items))
     return [item[0] for item, bad in zip(items, flags) if bad]
 
 
