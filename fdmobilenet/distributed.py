@@ -111,8 +111,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly (the normal end of a run; an error path exits without it)."""
+    """Leave the process group cleanly (the normal end of a run; an error path exits without it). The barrier
+    first: a rank that tears gloo down while a peer is still using its connections (rank 0 writing a last
+    checkpoint, say) can abort that peer ('terminate called without an active exception', seen in tests)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
