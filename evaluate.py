@@ -43,7 +43,7 @@ def parse_args(argv):
                     help="class folders are named by the model's output index (e.g. 281/), see above")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     ap.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def resolve_config(args, ckpt: dict) -> ExperimentConfig:

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     ap.add_argument("overrides", nargs="*", metavar="[CONFIG] SECTION.KEY=VALUE",
                     help="overrides; a first word without '=' is the experiment file (same as --config)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)   # CONFIG --label X k=v: words and options in any order
     if args.resume and args.fresh:
         ap.error("--resume and --fresh contradict each other")
     if args.overrides and "=" not in args.overrides[0] and not args.config:

@@ -270,10 +270,11 @@ def resolve_path(ref: str, family: str, base: Path | None = None) -> Path:
     return Path(ref)  # read_yaml reports it as missing
 
 
-def load_family(family: str, ref: str | dict, base: Path | None = None) -> Any:
+def load_family(family: str, ref: str | dict, base: Path | None = None, source: str | None = None) -> Any:
+    """A family from a file reference, or from an inline mapping found in ``source`` (the experiment file)."""
     cls = FAMILIES[family]
     if isinstance(ref, dict):
-        return build(cls, ref, f"inline '{family}' section", family)
+        return build(cls, ref, f"{source or 'inline'} (inline '{family}' section)", family)
     path = resolve_path(ref, family, base)
     return build(cls, read_yaml(path), str(path), family)
 
@@ -310,7 +311,7 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
             if section == "train":
                 setattr(exp, section, build(TrainConfig, ref, str(p), "train"))
             elif isinstance(ref, (str, dict)):
-                setattr(exp, section, load_family(section, ref, p.parent))
+                setattr(exp, section, load_family(section, ref, p.parent, str(p)))
             else:
                 raise ConfigError(f"{p}: section '{section}' must be a file name or a mapping, got {ref!r}")
     for section, ref in (("data", data), ("model", model), ("optim", optim), ("sched", sched)):
