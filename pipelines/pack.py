@@ -1,10 +1,11 @@
 """Pack one ImageFolder split into webdataset tar shards with DALI index files.
 
-    python -m pipelines.pack --src data/x/train --dst data/x-wds/train --shard-size 1000 [--prefix train]
+    python -m pipelines.pack --src data/x/train --dst data/x-wds/train --shard-size 1000 --shuffle 0
+    python -m pipelines.pack --src data/x/val --dst data/x-wds/val --shard-size 1000
 
 Output layout (what the webdataset loader reads):
 
-    DST/{prefix}-000000.tar   members, in ImageFolder order: 00000000.jpg 00000000.cls 00000001.jpg ...
+    DST/{prefix}-000000.tar   members 00000000.jpg 00000000.cls 00000001.jpg ... (ImageFolder order, or shuffled)
     DST/{prefix}-000000.idx   DALI's index for that shard (format v1.2, what DALI's wds2idx tool writes)
     DST/classes.json          JSON list of class names; position = class index
 
@@ -13,6 +14,11 @@ sort in order across shards); ``.cls`` holds the class index as ASCII digits, th
 (sorted folder names). The first line of each ``.idx`` is ``v1.2 <samples in shard>``. The ``.jpg`` member
 is the source file's bytes unchanged (a PNG that is named .jpg stays a PNG: the decoders read content, not
 names; ``python -m pipelines.verify`` lists such files).
+
+Pack a *training* split with ``--shuffle SEED``: DALI's webdataset reader shuffles only the order of whole
+shards and mixes samples in a buffer (``initial_fill``), so shards written in class order would give batches of
+one or two classes. Shuffling reorders the samples across shards once, seeded; keys stay the ImageFolder
+positions, so every sample keeps its name and label.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import random
 import sys
 import tarfile
 import time
@@ -41,20 +48,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
     return f"{name.split('.', 1)[1]} {offset} {len(data)} {name}"
 
 
-def write_shard(task: tuple[str, str, int, list[tuple[str, int]]]) -> tuple[str, int, list[str]]:
+def write_shard(task: tuple[str, str, list[tuple[int, str, int]]]) -> tuple[str, int, list[str]]:
     """Write one ``.tar`` and its ``.idx``; returns (tar path, samples, paths that are not JPEG).
 
     The index is written from the offsets known while writing, in DALI's format v1.2: a line
     ``v1.2 <samples>``, then per sample its members as ``<ext> <offset> <size> <name>``, space-separated.
     (DALI's wds2idx tool computes the same by running ``tar --list`` twice; the GPU images lack it.)"""
-    tar_path, idx_path, first_key, samples = task
+    tar_path, idx_path, samples = task
     not_jpeg, lines = [], []
     with tarfile.open(tar_path + ".tmp", "w", format=tarfile.GNU_FORMAT) as tar:
-        for k, (path, label) in enumerate(samples):
+        for position, path, label in samples:
             data = Path(path).read_bytes()
             if not data.startswith(JPEG_MAGIC):
                 not_jpeg.append(path)
-            key = f"{first_key + k:08d}"
+            key = f"{position:08d}"
             lines.append(" ".join([_add_member(tar, f"{key}.jpg", data),
                                    _add_member(tar, f"{key}.cls", str(label).encode("ascii"))]))
     Path(idx_path).write_text(f"v1.2 {len(samples)}\n" + "".join(line + "\n" for line in lines))
@@ -63,8 +70,9 @@ def write_shard(task: tuple[str, str, int, list[tuple[str, int]]]) -> tuple[str,
 
 
 def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None = None,
-         workers: int | None = None, overwrite: bool = False) -> dict:
-    """Pack ImageFolder split ``src`` into shards under ``dst``; returns a summary dict."""
+         workers: int | None = None, overwrite: bool = False, shuffle_seed: int | None = None) -> dict:
+    """Pack ImageFolder split ``src`` into shards under ``dst``; returns a summary dict. ``shuffle_seed``:
+    write the samples in a seeded random order (for training splits) instead of ImageFolder order."""
     src, dst = Path(src), Path(dst)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
@@ -80,8 +88,11 @@ def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None =
                               f"remove them or pass --overwrite")
     for f in old:
         f.unlink()
-    tasks = [(str(dst / f"{prefix}-{n:06d}.tar"), str(dst / f"{prefix}-{n:06d}.idx"), start,
-              samples[start:start + shard_size])
+    keyed = [(position, path, label) for position, (path, label) in enumerate(samples)]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(keyed)
+    tasks = [(str(dst / f"{prefix}-{n:06d}.tar"), str(dst / f"{prefix}-{n:06d}.idx"),
+              keyed[start:start + shard_size])
              for n, start in enumerate(range(0, len(samples), shard_size))]
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks)))
     if workers == 1:
@@ -103,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefix", default=None, help="shard name prefix (default: SRC's folder name)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
+    ap.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                    help="write samples in a seeded random order (use it for training splits)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite)
+    summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite, args.shuffle)
     for p in summary["not_jpeg"]:
         print(f"warning: {p}: not a JPEG (packed unchanged; the decoders read it by content)", file=sys.stderr)
     print(f"packed {summary['samples']} samples, {summary['classes']} classes into {len(summary['shards'])} "

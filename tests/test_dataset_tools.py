@@ -125,6 +125,33 @@ def test_pack_round_trip_matches_imagefolder_and_dali_reads_it(digits, tmp_path)
     assert [int(bytes(np.array(c)).decode()) for c in cls] == [y for _, y in samples]
 
 
+def test_pack_shuffle_mixes_classes_and_keeps_names_and_labels(digits, tmp_path):
+    """--shuffle: one seeded order across all shards (DALI shuffles only whole shards + a buffer), every key still
+    the sample's ImageFolder position with its own bytes and label; the same seed gives the same shards."""
+    root, _ = digits
+    _, samples = list_samples(root / "train")
+
+    def read(dst):
+        out = []
+        for t in sorted(dst.glob("train-*.tar")):
+            with tarfile.open(t) as tar:
+                members = tar.getmembers()
+                for jpg, cls in zip(members[0::2], members[1::2]):
+                    out.append((int(jpg.name[:8]), tar.extractfile(jpg).read(), int(tar.extractfile(cls).read())))
+        return out
+
+    pack(root / "train", tmp_path / "a", shard_size=200, workers=1, shuffle_seed=0)
+    pack(root / "train", tmp_path / "b", shard_size=200, workers=1, shuffle_seed=0)
+    packed = read(tmp_path / "a")
+    assert packed == read(tmp_path / "b")
+    assert sorted(k for k, _, _ in packed) == list(range(len(samples)))           # a permutation of all samples
+    assert [k for k, _, _ in packed] != list(range(len(samples)))
+    for key, data, label in packed[:50]:
+        assert (data, label) == (Path(samples[key][0]).read_bytes(), samples[key][1])
+    first_shard_labels = {label for _, _, label in packed[:200]}
+    assert len(first_shard_labels) == 10                                           # ImageFolder order: 1-2 classes
+
+
 def test_pack_index_is_byte_identical_to_dalis_wds2idx(digits, tmp_path):
     """pack writes the .idx itself (GPU images lack wds2idx); DALI's own indexer must agree byte for byte."""
     index_creator = pytest.importorskip("wds2idx", reason="DALI's wds2idx module is not installed here; "
