@@ -133,7 +133,10 @@ class RunLogger:
             for key, value in summary.items():
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"epoch/{key}", value, summary["epoch"])
-        self.print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+        # Console counts epochs from 1, as the step lines do; the CSV/JSON keep the 0-based index the
+        # checkpoint and the LR schedule use.
+        self.print(f"epoch {summary['epoch'] + 1} done:  " + "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if k != "epoch"))
 
     def _append(self, summary: dict) -> None:
         self.history.append(summary)
