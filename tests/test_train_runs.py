@@ -190,7 +190,7 @@ def test_ddp_two_ranks_equal_one_rank_with_twice_the_batch(digits, tmp_path):
     worker.write_text(DDP_WORKER)
     ok(run(str(worker), str(digits), "32", str(tmp_path / "two.pt"), nproc=2))
     ok(run(str(worker), str(digits), "32", str(tmp_path / "one.pt")))
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=True), torch.load(tmp_path / "one.pt", weights_only=True)
     torch.manual_seed(0)
     init = FDMobileNet(0.25, num_classes=10).state_dict()   # what the workers started from
     moved = 0
