@@ -13,9 +13,6 @@ named by output index (val/281/cat.jpg for ImageNet's tabby cat), not renumbered
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import traceback
 
 import torch
 from torchvision.datasets.folder import find_classes
@@ -23,7 +20,7 @@ from torchvision.datasets.folder import find_classes
 import pipelines
 from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_state_dict, strip_prefixes
 from fdmobilenet.config import ExperimentConfig, apply_overrides, from_dict, load_experiment, load_model_ref
-from fdmobilenet.distributed import init_distributed, shutdown
+from fdmobilenet.distributed import DistInfo, init_distributed, run_rank
 from fdmobilenet.engine import evaluate, prepare_model, resolve_amp
 from fdmobilenet.logs import format_metrics
 from fdmobilenet.model import FDMobileNet
@@ -62,45 +59,42 @@ def resolve_config(args, ckpt: dict) -> ExperimentConfig:
     return cfg
 
 
+def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
+    # The classifier's size comes from the weights, so a 1000-class file can score a 3-folder set.
+    if args.ema and not ckpt.get("ema"):
+        raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights (trained with optim.ema_decay=0)")
+    weights = ckpt["ema"] if args.ema else model_state_dict(ckpt, args.checkpoint)
+    num_classes = strip_prefixes(weights)["classifier.weight"].shape[0]
+    label_map = None
+    if args.labels_from_folder_names:
+        classes, _ = find_classes(str(split_dir(cfg.data, "val")))
+        if not all(c.isdigit() and int(c) < num_classes for c in classes):
+            raise ValueError(f"--labels-from-folder-names: the class folders of {split_dir(cfg.data, 'val')} "
+                             f"must be output indices below {num_classes}, got {classes[:10]}")
+        cfg.data.num_classes = len(classes)
+        label_map = torch.tensor([int(c) for c in classes], device=info.device)
+    elif cfg.data.num_classes != num_classes:
+        raise ValueError(f"{args.checkpoint} has {num_classes} outputs but data.num_classes is "
+                         f"{cfg.data.num_classes}; pick the matching --data, or --labels-from-folder-names")
+    module = FDMobileNet(cfg.model.width_mult, num_classes=num_classes, dropout=cfg.model.dropout)
+    load_weights(module, weights, args.checkpoint)
+    cfg.train.compile = "off" if cfg.train.compile == "auto" else cfg.train.compile   # one pass: no gain
+    _, model = prepare_model(module, cfg.train, info)
+    loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank,
+                                    world_size=info.world_size, local_rank=info.local_rank, device=info.device)
+    m = evaluate(model, loader, info, resolve_amp(cfg.train.amp, info.device), args.print_freq,
+                 label_map=label_map)
+    if info.is_main:
+        print(f"{args.checkpoint} on {split_dir(cfg.data, 'val')} ({cfg.data.loader}, "
+              f"{info.world_size} rank(s), {info.device.type}): {format_metrics(m)}", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = resolve_config(args, ckpt)
     info = init_distributed(cfg.train.device)
-    try:
-        # The classifier's size comes from the weights, so a 1000-class file can score a 3-folder set.
-        if args.ema and not ckpt.get("ema"):
-            raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights (trained with optim.ema_decay=0)")
-        weights = ckpt["ema"] if args.ema else model_state_dict(ckpt, args.checkpoint)
-        num_classes = strip_prefixes(weights)["classifier.weight"].shape[0]
-        label_map = None
-        if args.labels_from_folder_names:
-            classes, _ = find_classes(str(split_dir(cfg.data, "val")))
-            if not all(c.isdigit() and int(c) < num_classes for c in classes):
-                raise ValueError(f"--labels-from-folder-names: the class folders of {split_dir(cfg.data, 'val')} "
-                                 f"must be output indices below {num_classes}, got {classes[:10]}")
-            cfg.data.num_classes = len(classes)
-            label_map = torch.tensor([int(c) for c in classes], device=info.device)
-        elif cfg.data.num_classes != num_classes:
-            raise ValueError(f"{args.checkpoint} has {num_classes} outputs but data.num_classes is "
-                             f"{cfg.data.num_classes}; pick the matching --data, or --labels-from-folder-names")
-        module = FDMobileNet(cfg.model.width_mult, num_classes=num_classes, dropout=cfg.model.dropout)
-        load_weights(module, weights, args.checkpoint)
-        del ckpt
-        cfg.train.compile = "off" if cfg.train.compile == "auto" else cfg.train.compile   # one pass: no gain
-        _, model = prepare_model(module, cfg.train, info)
-        loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank,
-                                        world_size=info.world_size, local_rank=info.local_rank, device=info.device)
-        m = evaluate(model, loader, info, resolve_amp(cfg.train.amp, info.device), args.print_freq,
-                     label_map=label_map)
-        if info.is_main:
-            print(f"{args.checkpoint} on {split_dir(cfg.data, 'val')} ({cfg.data.loader}, "
-                  f"{info.world_size} rank(s), {info.device.type}): {format_metrics(m)}", flush=True)
-    except BaseException:
-        sys.stderr.write(f"[rank {info.rank}] evaluation failed:\n{traceback.format_exc()}")
-        sys.stderr.flush()
-        os._exit(1)   # as in train_ddp.py: never wait on peers that may be stuck in a collective
-    shutdown()
+    run_rank(lambda: run(args, ckpt, cfg, info), info, "evaluation")   # an error on any rank ends the job
 
 
 if __name__ == "__main__":

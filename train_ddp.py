@@ -29,7 +29,6 @@ import random
 import signal
 import sys
 import time
-import traceback
 
 import numpy as np
 import torch
@@ -38,8 +37,8 @@ from torch import nn
 import pipelines
 from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, strip_prefixes
 from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, load_experiment, to_dict
-from fdmobilenet.distributed import (DistInfo, any_rank, gather_to_main, init_distributed, seed_everything,
-                                     shutdown)
+from fdmobilenet.distributed import (DistInfo, any_rank, gather_to_main, init_distributed, run_rank,
+                                     seed_everything)
 from fdmobilenet.engine import (Trainer, epoch_batches, evaluate, make_grad_scaler, prepare_model, resolve_amp,
                                 setup_backends, train_one_epoch)
 from fdmobilenet.logs import RunLogger, format_metrics, run_metadata
@@ -296,17 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"train_ddp.py: {e}")
     info = init_distributed(cfg.train.device)
-    try:
-        run(args, cfg, info)
-    except BaseException:
-        # Print and leave at once: the normal exit path (atexit, destroy_process_group, loader threads)
-        # can block waiting for peers that are still inside a collective. torchrun sees the non-zero code
-        # and stops the other ranks; under srun, --kill-on-bad-exit does.
-        sys.stderr.write(f"[rank {info.rank}] training failed:\n{traceback.format_exc()}")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)
-    shutdown()
+    run_rank(lambda: run(args, cfg, info), info, "training")   # an error on any rank ends the job at once
 
 
 if __name__ == "__main__":

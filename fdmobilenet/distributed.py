@@ -17,8 +17,10 @@ import datetime
 import os
 import random
 import subprocess
+import sys
+import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -117,6 +119,21 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def run_rank(work: Callable[[], None], info: DistInfo, what: str) -> None:
+    """Run this rank's ``work``, then leave the process group. On any error print the traceback and exit 1
+    at once: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting for peers
+    that are still inside a collective. torchrun sees the non-zero code and stops the other ranks; under
+    srun, --kill-on-bad-exit does - so one failing rank ends the job instead of hanging it."""
+    try:
+        work()
+    except BaseException:
+        sys.stderr.write(f"[rank {info.rank}] {what} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+    shutdown()
 
 
 def seed_everything(seed: int, rank: int) -> None:
