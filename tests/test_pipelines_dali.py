@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import subprocess
 import sys
@@ -12,24 +13,15 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from fdmobilenet.config import DataConfig
-from pipelines import BatchLoader, CorruptImageError, DataError, build_loader
+import loader_support
+from loader_support import epoch_labels
+from pipelines import CorruptImageError, DataError, build_loader
 from pipelines.base import folder_samples, jpeg_cut_short
 from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
 
-
-def small(root: Path, num_classes: int, **kw) -> DataConfig:
-    """Tiny crops, one DALI thread: the test machine has 2 shared cores."""
-    base = dict(root=str(root), num_classes=num_classes, loader="dali", crop_size=32, train_resize=40,
-                val_resize=40, val_crop=32, num_threads=1, prefetch_queue_depth=1)
-    return DataConfig(**{**base, **kw})
-
-
-def epoch_labels(loader: BatchLoader, epoch: int) -> list[int]:
-    loader.set_epoch(epoch)
-    return [label for _, labels in loader for label in labels.tolist()]
+small = functools.partial(loader_support.small, loader="dali")   # a call may name another loader
 
 
 # ------------------------------------------------------------------------------------------ listing / labels

@@ -2,29 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import functools
 
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from fdmobilenet.config import DataConfig
-from pipelines import BatchLoader, DataError, build_loader
+import loader_support
+from loader_support import epoch_labels
+from pipelines import DataError, build_loader
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torchvision_loader import TorchvisionLoader
 
 CPU = torch.device("cpu")
 
-
-def small(root: Path, num_classes: int, **kw) -> DataConfig:
-    base = dict(root=str(root), num_classes=num_classes, loader="torchvision", crop_size=32, train_resize=40,
-                val_resize=40, val_crop=32, num_threads=1, prefetch_queue_depth=1)
-    return DataConfig(**{**base, **kw})
-
-
-def epoch_labels(loader: BatchLoader, epoch: int) -> list[int]:
-    loader.set_epoch(epoch)
-    return [label for _, labels in loader for label in labels.tolist()]
+small = functools.partial(loader_support.small, loader="torchvision")   # a call may name another loader
 
 
 def check_batch(images: torch.Tensor, labels: torch.Tensor, n: int, size: int, dtype=torch.float32):
