@@ -75,10 +75,14 @@ run_step_requeue_on_usr1() {
   trap - USR1 TERM
   echo "$(date +%T) step ended with exit code $rc"
   if (( requeue )); then
+    # A job array's element by ARRAYID_INDEX: one element carries the array's own job id, and requeueing that
+    # plain id requeues every element of the array, finished ones too (seen with reproduce_table.sbatch).
+    local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+    job=${job:-$SLURM_JOB_ID}
     # said first: a successful requeue ends this shell at once ("CANCELLED ... DUE TO JOB REQUEUE")
-    echo "$(date +%T) requeueing job $SLURM_JOB_ID (restarts so far: ${SLURM_RESTART_COUNT:-0})"
-    scontrol requeue "$SLURM_JOB_ID" ||
-      echo "$(date +%T) requeue of job $SLURM_JOB_ID failed: resubmit by hand; training resumes from the checkpoint" >&2
+    echo "$(date +%T) requeueing job $job (restarts so far: ${SLURM_RESTART_COUNT:-0})"
+    scontrol requeue "$job" ||
+      echo "$(date +%T) requeue of job $job failed: resubmit by hand; training resumes from the checkpoint" >&2
   fi
   return "$rc"
 }

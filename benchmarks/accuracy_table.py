@@ -1,0 +1,200 @@
+"""The paper's accuracy table beside this project's runs, printed as markdown and CSV.
+
+    python -m benchmarks.accuracy_table checkpoints/table [RUN_DIR | {label}.config.yaml ...] \\
+        [--released ../shared/fixtures/original/0.25x-FDMobileNet-224.pth.tar ...] [--val-root DIR] \\
+        [--labels-from-folder-names] [--format both|markdown|csv]
+
+(from the repository root). One row per run (read by fdmobilenet.runs from {label}.config.yaml, .jsonl and
+.pth.tar, finished or still running): width; MFLOPs (multiply-adds, the paper's "FLOPs") and parameters
+counted by fdmobilenet.flops for the run's model (its num_classes) at its val crop; the paper's top-1; the
+run's final and best val top-1 / top-5, final top-1 minus the paper's; epochs completed of planned and the
+run's status; median epoch img/s; device-hours (ranks x summed training epoch time: GPU-hours for GPU runs,
+process-hours for CPU runs); devices; commit. A width of the paper without a run gets a "no run" row.
+
+--released FILE: weights released by the authors, scored by evaluate.py (one process) on the runs' val split
+(the first run's data.root, val_split, layout and loader) with imagenet-aggressive's evaluation preprocessing
+(the one the weights were trained with), or on DIR/val with --val-root DIR; one extra row each.
+--labels-from-folder-names goes to evaluate.py (class folders named by the model's output index).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, model_state_dict, strip_prefixes
+from fdmobilenet.config import ConfigError, load_experiment
+from fdmobilenet.flops import count_macs, count_params
+from fdmobilenet.model import FDMobileNet
+from fdmobilenet.runs import Run, find_runs
+
+REPO = Path(__file__).resolve().parents[1]
+# FD-MobileNet (Qin et al., ICIP 2018): ImageNet val top-1 (%) at 224 px, per width.
+PAPER_TOP1 = {1.0: 65.3, 0.5: 56.3, 0.25: 45.1}
+RELEASED_DATA = "imagenet-aggressive"
+# evaluate.py's result line (fdmobilenet.logs.format_metrics)
+SCORE = re.compile(r"top-1 ([\d.]+)%\s+top-5 ([\d.]+)%\s+loss \S+\s+\((\d+) images\)")
+
+# (CSV name, markdown header, markdown format)
+COLUMNS = [("width", "width", "{:g}x"), ("px", "px", "{}"), ("mflops", "MFLOPs", "{:.1f}"),
+           ("params", "params", "{:,}"), ("paper_top1", "paper top-1", "{:.1f}"),
+           ("top1_final", "top-1 final", "{:.2f}"), ("top5_final", "top-5 final", "{:.2f}"),
+           ("top1_best", "top-1 best", "{:.2f}"), ("top5_best", "top-5 best", "{:.2f}"),
+           ("top1_diff", "Δ top-1", "{:+.2f}"), ("epochs_done", "epochs", "{}"), ("epochs_planned", None, "{}"),
+           ("status", "status", "{}"), ("img_s", "img/s", "{:,.0f}"), ("device_hours", "device-h", "{:.3g}"),
+           ("devices", "devices", "{}"), ("commit", "commit", "{}"), ("run", "run", "{}")]
+NOTES = ("MFLOPs: multiply-adds per image (the paper's FLOPs), counted by fdmobilenet.flops for each run's model "
+         "at its val crop (px). Δ top-1: final top-1 minus the paper's. img/s: median training img/s per epoch "
+         "(the first epoch left out when there are more). device-h: ranks × training time of the logged epochs, "
+         "evaluation not included (GPU-hours on GPUs; on a CPU the ranks are processes). Paper: FD-MobileNet, "
+         "Qin et al., ICIP 2018, ImageNet val top-1 at 224 px.")
+
+
+def model_cost(width: float, num_classes: int, px: int) -> tuple[float, int]:
+    """(MFLOPs, parameters) of FD-MobileNet ``width`` with ``num_classes`` outputs at ``px`` (meta device: no
+    weights are made)."""
+    with torch.device("meta"):
+        model = FDMobileNet(width, num_classes=num_classes)
+    return count_macs(model, px) / 1e6, count_params(model)
+
+
+def run_row(run: Run) -> dict:
+    cfg, meta = run.config, run.meta
+    width, px = cfg.model.width_mult, cfg.data.val_crop
+    mflops, params = model_cost(width, cfg.data.num_classes, px)
+    paper, final = PAPER_TOP1.get(width), run.final("val_top1")
+    status = "done" if run.finished else "in progress"
+    if not run.finished and run.step_in_epoch:
+        status += f" (epoch {run.epochs_done + 1} at step {run.step_in_epoch})"
+    commit = str(meta.get("git_commit", "unknown"))[:12] + ("+dirty" if meta.get("git_dirty") else "")
+    return {"width": width, "px": px, "mflops": mflops, "params": params, "paper_top1": paper,
+            "top1_final": final, "top5_final": run.final("val_top5"), "top1_best": run.best("val_top1"),
+            "top5_best": run.best("val_top5"),
+            "top1_diff": final - paper if final is not None and paper is not None else None,
+            "epochs_done": run.epochs_done, "epochs_planned": run.epochs_planned, "status": status,
+            "img_s": run.median_img_s(), "device_hours": run.device_hours(),
+            "devices": f"{meta.get('world_size', '?')} x {meta.get('device', '?')}", "commit": commit,
+            "run": str(run.dir / run.label)}
+
+
+def val_split_of(runs: list[Run], val_root: Path | None) -> dict[str, str]:
+    """data.* overrides that point evaluate.py at the val split the released weights are scored on."""
+    data = {}
+    if runs:
+        d = runs[0].config.data
+        data = {"root": d.root, "val_split": d.val_split, "layout": d.layout, "loader": d.loader}
+    if val_root is not None:
+        data.update(root=str(val_root), val_split="val", layout="folder")
+    return data
+
+
+def released_row(path: Path, data: dict[str, str], labels_from_folder_names: bool) -> dict:
+    """The released weights scored by evaluate.py; a failure is shown in the row's status."""
+    weights = strip_prefixes(model_state_dict(load_checkpoint(path), str(path)))
+    if "classifier.weight" not in weights:
+        raise CheckpointError(f"{path} has no classifier.weight: not FD-MobileNet weights")
+    num_classes, features = weights["classifier.weight"].shape
+    width = features / 1024   # FD-MobileNet's last layer has int(1024 * width) channels
+    px = load_experiment(data=RELEASED_DATA).data.val_crop
+    mflops, params = model_cost(width, num_classes, px)
+    cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(path), "--data", RELEASED_DATA,
+           "--model", f"{width:g}", *(f"data.{k}={v}" for k, v in data.items()),
+           *(["--labels-from-folder-names"] if labels_from_folder_names else [])]
+    print(f"scoring {path} with evaluate.py on {data['root']}/{data['val_split']} ...", file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    m = SCORE.search(p.stdout) if p.returncode == 0 else None
+    top1, top5 = (float(m.group(1)), float(m.group(2))) if m else (None, None)
+    if m:
+        status = f"released weights, evaluate.py on {data['root']}/{data['val_split']} ({m.group(3)} images)"
+    else:
+        lines = [line for line in (p.stderr + p.stdout).splitlines() if line.strip()]
+        status = (f"not scored on {data['root']}/{data['val_split']}: evaluate.py exit {p.returncode}: "
+                  f"{lines[-1] if lines else 'no output'}")
+    paper = PAPER_TOP1.get(width)
+    return {"width": width, "px": px, "mflops": mflops, "params": params, "paper_top1": paper,
+            "top1_final": top1, "top5_final": top5,
+            "top1_diff": top1 - paper if top1 is not None and paper is not None else None,
+            "status": status, "run": str(path)}
+
+
+def missing_rows(rows: list[dict]) -> list[dict]:
+    """A 'no run' row for each width of the paper that no run has."""
+    have = {r["width"] for r in rows}
+    out = []
+    for width, paper in PAPER_TOP1.items():
+        if width not in have:
+            mflops, params = model_cost(width, 1000, 224)
+            out.append({"width": width, "px": 224, "mflops": mflops, "params": params, "paper_top1": paper,
+                        "status": "no run"})
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [(key, head, fmt) for key, head, fmt in COLUMNS if head]
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        if key == "epochs_done" and row.get(key) is not None:
+            return f"{row['epochs_done']}/{row['epochs_planned']}"
+        value = row.get(key)
+        return "-" if value is None else fmt.format(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(head for _, head, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, key, fmt) for key, _, fmt in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[key for key, _, _ in COLUMNS], restval="", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items() if v is not None})
+    return buf.getvalue()
+
+
+def table(run_paths: list[str], released: list[Path], val_root: Path | None,
+          labels_from_folder_names: bool) -> list[dict]:
+    runs = find_runs(*run_paths)
+    rows = sorted((run_row(r) for r in runs), key=lambda r: (-r["width"], r["run"]))
+    rows = sorted(rows + missing_rows(rows), key=lambda r: -r["width"])
+    if released:
+        data = val_split_of(runs, val_root)
+        if not data:
+            raise ConfigError("--released needs a val split: give a run (its data.root) or --val-root DIR")
+        rows += [released_row(p, data, labels_from_folder_names) for p in released]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.accuracy_table", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                    help="a run's output folder (every {label}.config.yaml in it) or one {label}.config.yaml")
+    ap.add_argument("--released", nargs="+", type=Path, default=[], metavar="FILE",
+                    help="released checkpoints to score with evaluate.py on the same val split (extra rows)")
+    ap.add_argument("--val-root", type=Path, help="score the released checkpoints on DIR/val instead")
+    ap.add_argument("--labels-from-folder-names", action="store_true",
+                    help="evaluate.py option: class folders are named by output index")
+    ap.add_argument("--format", choices=("both", "markdown", "csv"), default="both")
+    args = ap.parse_args(argv)
+    if not args.runs and not args.released:
+        ap.error("give at least one RUN_DIR (or --released with --val-root)")
+    try:
+        rows = table(args.runs, args.released, args.val_root, args.labels_from_folder_names)
+    except (ConfigError, CheckpointError) as e:
+        print(f"accuracy_table: error: {e}", file=sys.stderr)
+        return 1
+    if args.format in ("both", "markdown"):
+        print(markdown(rows))
+    if args.format in ("both", "csv"):
+        print(to_csv(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
