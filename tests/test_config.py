@@ -1,6 +1,11 @@
 """The config system: every shipped file loads, experiments compose, overrides apply, and mistakes get
 messages that name the file, the key and what was expected."""
 import json
+import os
+import shutil
+import site
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,45 @@ SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*") if p.suffix in (".yaml", ".yml
 
 def test_configs_are_shipped():
     assert {p.parent.name for p in SHIPPED} >= {"data", "model", "optim", "sched"}
+
+
+@pytest.mark.slow
+def test_an_installed_copy_resolves_config_names(tmp_path):
+    """``pip install`` (not editable) of a clean copy of this checkout into a fresh venv; run from another
+    folder after the copy is deleted, the installed package finds every shipped config by its name."""
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if os.path.lexists(repo / name):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, src / name, follow_symlinks=False)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    venv_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                    check=True, capture_output=True, text=True).stdout.strip())
+    # torch, pyyaml and pip come from this interpreter's site-packages, after the venv's own
+    (venv_site / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--ignore-installed", str(src)], check=True, env=env, cwd=tmp_path)
+    shutil.rmtree(src)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import json, fdmobilenet.config as c\n"
+             "shipped = sorted(str(p.relative_to(c.CONFIG_DIR)) for p in c.CONFIG_DIR.rglob('*.yaml'))\n"
+             "print(json.dumps({'module': c.__file__, 'shipped': shipped,\n"
+             "                  'exp': c.to_dict(c.load_experiment('1x-FDMobileNet-224', optim='SGD-120',\n"
+             "                                                     data='imagenet-aggressive-colorjitter'))}))\n")
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert Path(got["module"]).is_relative_to(venv_site)
+    assert got["shipped"] == [str(p.relative_to(CONFIG_DIR)) for p in SHIPPED]
+    assert got["exp"] == to_dict(load_experiment("1x-FDMobileNet-224", optim="SGD-120",
+                                                 data="imagenet-aggressive-colorjitter"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
