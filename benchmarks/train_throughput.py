@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
-from fdmobilenet.config import CHOICES, OptimConfig, SchedConfig, TrainConfig, load_experiment
+from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, choices, load_experiment
 from fdmobilenet.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from fdmobilenet.engine import Trainer, make_grad_scaler, prepare_model, resolve_amp, setup_backends
 from fdmobilenet.flops import count_macs
@@ -319,7 +319,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per variant (default 3)")
     ap.add_argument("--window-s", type=float, default=0.5, help="target seconds per window (default 0.5)")
-    ap.add_argument("--compile-backend", default="inductor", choices=CHOICES[("train", "compile_backend")],
+    ap.add_argument("--compile-backend", default="inductor", choices=choices(TrainConfig, "compile_backend"),
                     help="torch.compile backend (default inductor)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")

@@ -1,9 +1,15 @@
 """Typed configuration: the authors' four config families (data, model, optim, sched) plus the run settings.
 
-Every file is YAML (the authors' JSON files are YAML too). Each family is a dataclass; loading checks every key
-and type and names the file, the key and what was expected when something is wrong. An experiment file
-composes the four families (each either a path to a family file or an inline mapping) and a ``train`` section;
-any field can be overridden from the command line as ``section.key=value``.
+The dataclasses below are the schema: every key, its type, its default and, as ``typing.Literal``, its
+choices. Files are YAML (the authors' JSON files are YAML too) and live in ``configs/{family}/`` inside this
+package, so an installed copy resolves names as a checkout does. A family file states only what differs from
+the defaults, or from the file it names as ``base:``. An experiment file composes the four families (each a
+name, a path or an inline mapping) and a ``train`` section; any field can be overridden from the command line
+as ``section.key=value``. Loading checks every key and type and names the file, the key, what was expected
+and what was given.
+
+The checks are this module's own: OmegaConf's structured configs (2.4.0, tried on this schema) read YAML 1.1,
+turn ``nesterov: 1`` into True where these refuse it, and report a bad tuple without its key (README, "Configs").
 """
 from __future__ import annotations
 
@@ -15,11 +21,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # package data: installed copies have it too
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,13 +58,13 @@ class DataConfig:
     """Where the images are, how they are augmented, and how the loader is tuned."""
     name: str = "imagenet-aggressive"
     root: str = "data/imagenet"            # holds {train_split}/ and {val_split}/ (ImageFolder) or shards
-    layout: str = "folder"                 # folder (ImageFolder JPEG tree) | webdataset (tar shards + index)
+    layout: Literal["folder", "webdataset"] = "folder"   # ImageFolder JPEG tree | tar shards + index
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 1000
-    loader: str = "dali"                   # dali | torchvision | synthetic
+    loader: Literal["dali", "torchvision", "synthetic"] = "dali"
     # training augmentation
-    train_crop: str = "random_resized"     # random_resized (Inception-style) | random (resize, then random crop)
+    train_crop: Literal["random_resized", "random"] = "random_resized"   # Inception-style | resize, random crop
     crop_size: int = 224
     scale: tuple[float, float] = (0.36, 1.0)           # RandomResizedCrop area range ("aggressive")
     ratio: tuple[float, float] = (3 / 4, 4 / 3)        # RandomResizedCrop aspect-ratio range
@@ -78,23 +84,23 @@ class DataConfig:
     preallocate_height_hint: int = 0
     dont_use_mmap: bool = False
     seed: int = 42
-    dtype: str = "auto"                    # images handed over: auto (float16 on GPU, float32 on CPU) | float16 | float32
-    on_corrupt: str = "error"              # error: stop naming the file | skip: drop unreadable files up front
+    # images handed over: auto (float16 on GPU, float32 on CPU)
+    dtype: Literal["auto", "float16", "float32"] = "auto"
+    on_corrupt: Literal["error", "skip"] = "error"   # stop naming the file | drop unreadable files up front
 
 
 @dataclass
 class ModelConfig:
+    """Which FD-MobileNet: its width and dropout (the input size is the data's crop_size)."""
     name: str = "1x-FDMobileNet-224"
-    arch: str = "fd_mobilenet"
     width_mult: float = 1.0
-    input_size: int = 224
     dropout: float = 0.0
 
 
 @dataclass
 class OptimConfig:
+    """SGD (the paper's optimizer) and what goes with it."""
     name: str = "SGD-120-nesterov"
-    optimizer: str = "sgd"
     lr: float = 0.1                        # for batch_size below; scaled linearly for other global batches
     momentum: float = 0.9
     weight_decay: float = 4e-5
@@ -102,7 +108,8 @@ class OptimConfig:
     epochs: int = 120
     batch_size: int = 256                  # global batch (all ranks together)
     base_batch_size: int = 256             # the batch that `lr` is meant for (linear scaling rule)
-    impl: str = "auto"                     # auto (fused on CUDA, foreach on CPU) | fused | foreach | plain | apex
+    # auto: fused on CUDA, foreach on CPU
+    impl: Literal["auto", "fused", "foreach", "plain", "apex"] = "auto"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     no_wd_bn_bias: bool = False            # the paper decays every parameter
@@ -112,7 +119,7 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     name: str = "StepLR-30-0.1"
-    type: str = "step"                     # step | cosine
+    type: Literal["step", "cosine"] = "step"
     step_size: int = 30                    # epochs
     gamma: float = 0.1
     min_lr: float = 0.0                    # cosine floor
@@ -125,16 +132,19 @@ class TrainConfig:
     output_dir: str = "checkpoints"
     print_freq: int = 100
     seed: int = 0
-    device: str = "auto"                   # auto | cuda | cpu
-    amp: str = "auto"                      # auto (bf16 on GPUs that have it, else fp16; off on CPU) | bf16 | fp16 | off
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # auto: bf16 on GPUs that have it, else fp16; off on CPU
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
-    compile: str = "auto"                  # auto (on for CUDA) | on | off
-    compile_mode: str = "default"          # torch.compile mode: default | reduce-overhead | max-autotune
-    compile_backend: str = "inductor"      # torch.compile backend (aot_eager: no C++/Triton builds, for smoke runs)
+    compile: Literal["auto", "on", "off"] = "auto"       # auto: on for CUDA
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # torch.compile backend (aot_eager: no C++/Triton builds, for smoke runs)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     save_every_steps: int = 0              # 0 = once per epoch
     auto_resume: bool = True               # continue from checkpoints/{label}.pth.tar when it exists
     deterministic: bool = False
     steps_per_epoch: int = 0               # 0 = the whole train set; >0 caps an epoch (smoke runs, benchmarks)
+    val_steps: int = 0                     # 0 = the whole val split; >0 scores only the first N batches per rank
     eval_every: int = 1                    # epochs between validations (0 = only at the end)
     plot: bool = True                      # PNG of loss / top-1 / lr at the end
 
@@ -151,104 +161,119 @@ class ExperimentConfig:
 FAMILIES: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
                              "sched": SchedConfig, "train": TrainConfig}
 
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("data", "layout"): ("folder", "webdataset"),
-    ("data", "loader"): ("dali", "torchvision", "synthetic"),
-    ("data", "train_crop"): ("random_resized", "random"),
-    ("data", "dtype"): ("auto", "float16", "float32"),
-    ("data", "on_corrupt"): ("error", "skip"),
-    ("model", "arch"): ("fd_mobilenet",),
-    ("optim", "optimizer"): ("sgd",),
-    ("optim", "impl"): ("auto", "fused", "foreach", "plain", "apex"),
-    ("sched", "type"): ("step", "cosine"),
-    ("train", "device"): ("auto", "cuda", "cpu"),
-    ("train", "amp"): ("auto", "bf16", "fp16", "off"),
-    ("train", "compile"): ("auto", "on", "off"),
-    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    ("train", "compile_backend"): ("inductor", "aot_eager", "eager"),
+# Keys that earlier versions had and nothing read. A run's stored config (its checkpoint, its
+# {label}.config.yaml) may still carry them: there they are dropped. In any other file or override they are
+# an error that says why.
+RETIRED: dict[tuple[str, str], str] = {
+    ("model", "arch"): "FD-MobileNet is the only architecture",
+    ("model", "input_size"): "the train crop is data.crop_size, the val crop data.val_crop",
+    ("optim", "optimizer"): "SGD is the only optimizer",
 }
 
 
+def choices(cls: type, key: str) -> tuple[str, ...]:
+    """The values a ``Literal`` field takes, e.g. ``choices(TrainConfig, 'amp')``."""
+    return typing.get_args(typing.get_type_hints(cls)[key])
+
+
 # ----------------------------------------------------------------------------------------------- type checks
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+_SCALARS = {float: "a number (float)", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _describe(tp: Any) -> str:
+    """What a value of annotation ``tp`` looks like, in the words of the error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(_describe(a) for a in args if a is not type(None))
     if origin is tuple:
-        args = typing.get_args(tp)
-        return f"a list of {len(args)} {_type_name(args[0])}s"
-    return getattr(tp, "__name__", str(tp))
+        return f"a list of {len(args)} {args[0].__name__}s"
+    return _SCALARS[tp]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in canonical form or raise ConfigError."""
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:                  # whatever the value's type: `compile: false` is a choice missed
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(args)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number (float), got {value!r} ({type(value).__name__})")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:              # Optional[X]: X's own message
+            return _coerce(value, members[0], where)
+        for member in members:             # e.g. int or 'auto': the first member that takes the value
+            try:
+                return _coerce(value, member, where)
+            except ConfigError:
+                pass
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp in _SCALARS:
+        # bool is an int subclass: `epochs: true` is not an integer
+        if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation {tp!r} at {where}")
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def build(cls: type, mapping: Any, source: str, section: str) -> Any:
-    """Build dataclass ``cls`` from ``mapping``; every error names ``source`` and ``section.key``."""
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
+def _mapping(raw: Any, source: str, section: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values, "
-                          f"got {type(mapping).__name__}")
-    hints = _hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def build(cls: type, mapping: Any, source: str, section: str, start: Any = None, stored: bool = False) -> Any:
+    """Dataclass ``cls`` from ``mapping``, on top of the instance ``start`` (else the defaults); every error
+    names ``source`` and ``section.key``. ``stored``: a run's own record, whose retired keys are dropped."""
+    hints = typing.get_type_hints(cls)
     values = {}
-    for key, value in mapping.items():
+    for key, value in _mapping(mapping, source, section).items():
+        if (section, key) in RETIRED:
+            if stored:
+                continue
+            raise ConfigError(f"{source}: key '{section}.{key}' is no longer read "
+                              f"({RETIRED[section, key]}); remove it")
         if key not in hints:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}; "
-                              f"valid keys for {section}: {', '.join(known)}")
-        where = f"{source}: key '{section}.{key}'"
-        values[key] = _coerce(value, hints[key], where)
-        allowed = CHOICES.get((section, key))
-        if allowed and values[key] not in allowed:
-            raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
-    return cls(**values)
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'{_did_you_mean(key, hints)}; "
+                              f"valid keys for {section}: {', '.join(hints)}")
+        values[key] = _coerce(value, hints[key], f"{source}: key '{section}.{key}'")
+    return dataclasses.replace(start, **values) if start is not None else cls(**values)
+
+
+def _did_you_mean(word: Any, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 # --------------------------------------------------------------------------------------------------- loading
-def read_yaml(path: str | os.PathLike) -> Any:
-    """Read a YAML/JSON file; a missing or malformed file is a ConfigError naming it."""
+def _not_found(path: Path, family: str | None) -> str:
+    """The message for a missing file; for a ``family`` reference, with the nearest shipped names."""
+    where = CONFIG_DIR / family if family else CONFIG_DIR
+    shipped = sorted(f.stem for f in where.glob("*.yaml")) if family else []
+    close = difflib.get_close_matches(path.name, shipped, n=3, cutoff=0.6)
+    return (f"config file not found: {path} (give a path to a .yaml/.json file, or a name from {where})"
+            + (f"; nearest names: {', '.join(close)}" if close else ""))
+
+
+def read_yaml(path: str | os.PathLike, family: str | None = None) -> Any:
+    """Read a YAML/JSON file; a missing or malformed file is a ConfigError naming it (and, for a ``family``
+    reference, the nearest names shipped in configs/{family}/)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p} (give a path to a .yaml/.json file, or a name "
-                          f"from {CONFIG_DIR})")
+        raise ConfigError(_not_found(p, family))
     try:
         with open(p) as f:
             return _parse_yaml(f)
@@ -270,13 +295,31 @@ def resolve_path(ref: str, family: str, base: Path | None = None) -> Path:
     return Path(ref)  # read_yaml reports it as missing
 
 
-def load_family(family: str, ref: str | dict, base: Path | None = None, source: str | None = None) -> Any:
-    """A family from a file reference, or from an inline mapping found in ``source`` (the experiment file)."""
-    cls = FAMILIES[family]
+def load_family(family: str, ref: str | dict, base: Path | None = None, source: str | None = None,
+                _chain: tuple[Path, ...] = ()) -> Any:
+    """A family from a file reference, or from an inline mapping found in ``source`` (the experiment file).
+    Either may name a ``base`` (a reference resolved like ``ref``, next to it): its values come first."""
     if isinstance(ref, dict):
-        return build(cls, ref, f"{source or 'inline'} (inline '{family}' section)", family)
-    path = resolve_path(ref, family, base)
-    return build(cls, read_yaml(path), str(path), family)
+        where, mapping = f"{source or 'inline'} (inline '{family}' section)", ref
+    else:
+        path = resolve_path(ref, family, base)
+        where, mapping = str(path), read_yaml(path, family)
+        base, _chain = path.parent, (*_chain, path.resolve())     # its base is resolved beside it
+    mapping = dict(_mapping(mapping, where, family))
+    start = None
+    if "base" in mapping:
+        parent = mapping.pop("base")
+        key = f"{where}: key '{family}.base'"
+        if not isinstance(parent, str):
+            raise ConfigError(f"{key}: expected the name or path of a {family} file, got {parent!r}")
+        parent_path = resolve_path(parent, family, base)
+        if not parent_path.is_file():
+            raise ConfigError(f"{key}: {_not_found(parent_path, family)}")
+        if parent_path.resolve() in _chain:
+            loop = " -> ".join(str(p) for p in (*_chain, parent_path.resolve()))
+            raise ConfigError(f"{key}: the base chain loops ({loop}); a file cannot be its own base")
+        start = load_family(family, str(parent_path), None, None, _chain)
+    return build(FAMILIES[family], mapping, where, family, start)
 
 
 def load_model_ref(ref: str) -> ModelConfig:
@@ -299,21 +342,23 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
     exp = ExperimentConfig()
     if path is not None:
         p = resolve_path(path, "experiments")
-        raw = read_yaml(p)
+        raw = read_yaml(p, "experiments")
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: an experiment file must be a mapping with sections "
                               f"{', '.join(FAMILIES)}")
-        for section, ref in raw.items():
-            if section not in FAMILIES:
-                close = difflib.get_close_matches(str(section), list(FAMILIES), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"{p}: unknown section '{section}'{hint}; valid: {', '.join(FAMILIES)}")
-            if section == "train":
-                setattr(exp, section, build(TrainConfig, ref, str(p), "train"))
-            elif isinstance(ref, (str, dict)):
-                setattr(exp, section, load_family(section, ref, p.parent, str(p)))
-            else:
-                raise ConfigError(f"{p}: section '{section}' must be a file name or a mapping, got {ref!r}")
+        if "run" in raw:   # a run's own {label}.config.yaml (the resolved config + its run: metadata)
+            exp = from_dict(raw, str(p))
+        else:
+            for section, ref in raw.items():
+                if section not in FAMILIES:
+                    raise ConfigError(f"{p}: unknown section '{section}'{_did_you_mean(section, FAMILIES)}; "
+                                      f"valid: {', '.join(FAMILIES)}")
+                if section == "train":
+                    exp.train = build(TrainConfig, ref, str(p), "train")
+                elif isinstance(ref, (str, dict)):
+                    setattr(exp, section, load_family(section, ref, p.parent, str(p)))
+                else:
+                    raise ConfigError(f"{p}: section '{section}' must be a file name or a mapping, got {ref!r}")
     for section, ref in (("data", data), ("model", model), ("optim", optim), ("sched", sched)):
         if ref is not None:
             setattr(exp, section, load_family(section, ref))
@@ -331,13 +376,12 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> None:
         section, key = dotted.split(".", 1)
         if section not in FAMILIES:
             raise ConfigError(f"{where}: unknown section '{section}'; valid: {', '.join(FAMILIES)}")
-        current = dataclasses.asdict(getattr(exp, section))
         try:
-            current[key] = _parse_yaml(text) if text != "" else ""
+            value = _parse_yaml(text) if text != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
                               f"quote strings, write lists as [a, b]") from e
-        setattr(exp, section, build(FAMILIES[section], current, where, section))
+        setattr(exp, section, build(FAMILIES[section], {key: value}, where, section, getattr(exp, section)))
 
 
 def to_dict(exp: ExperimentConfig) -> dict:
@@ -352,10 +396,12 @@ def to_dict(exp: ExperimentConfig) -> dict:
 
 
 def from_dict(d: dict, source: str = "checkpoint config") -> ExperimentConfig:
+    """The experiment a run stored (to_dict's form); sections other than the five, and RETIRED keys, are
+    left out."""
     exp = ExperimentConfig()
     for section, cls in FAMILIES.items():
         if section in d:
-            setattr(exp, section, build(cls, d[section], source, section))
+            setattr(exp, section, build(cls, d[section], source, section, stored=True))
     return exp
 
 

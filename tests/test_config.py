@@ -1,18 +1,66 @@
 """The config system: every shipped file loads, experiments compose, overrides apply, and mistakes get
 messages that name the file, the key and what was expected."""
+import dataclasses
 import json
+import os
+import shutil
+import site
+import subprocess
+import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
+import yaml
 
-from fdmobilenet.config import (CONFIG_DIR, FAMILIES, ConfigError, ExperimentConfig, dump_yaml, from_dict,
-                                load_experiment, load_family, load_model_ref, read_yaml, to_dict)
+from fdmobilenet.config import (CONFIG_DIR, FAMILIES, ConfigError, ExperimentConfig, ModelConfig, OptimConfig,
+                                SchedConfig, TrainConfig, build, choices, dump_yaml, from_dict, load_experiment,
+                                load_family, load_model_ref, read_yaml, resolve_path, to_dict)
 
 SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
 
 def test_configs_are_shipped():
     assert {p.parent.name for p in SHIPPED} >= {"data", "model", "optim", "sched"}
+
+
+@pytest.mark.slow
+def test_an_installed_copy_resolves_config_names(tmp_path):
+    """``pip install`` (not editable) of a clean copy of this checkout into a fresh venv; run from another
+    folder after the copy is deleted, the installed package finds every shipped config by its name."""
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if os.path.lexists(repo / name):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, src / name, follow_symlinks=False)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    venv_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                    check=True, capture_output=True, text=True).stdout.strip())
+    # torch, pyyaml and pip come from this interpreter's site-packages, after the venv's own
+    (venv_site / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--ignore-installed", str(src)], check=True, env=env, cwd=tmp_path)
+    shutil.rmtree(src)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import json, fdmobilenet.config as c\n"
+             "shipped = sorted(str(p.relative_to(c.CONFIG_DIR)) for p in c.CONFIG_DIR.rglob('*.yaml'))\n"
+             "print(json.dumps({'module': c.__file__, 'shipped': shipped,\n"
+             "                  'exp': c.to_dict(c.load_experiment('1x-FDMobileNet-224', optim='SGD-120',\n"
+             "                                                     data='imagenet-aggressive-colorjitter'))}))\n")
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert Path(got["module"]).is_relative_to(venv_site)
+    assert got["shipped"] == [str(p.relative_to(CONFIG_DIR)) for p in SHIPPED]
+    assert got["exp"] == to_dict(load_experiment("1x-FDMobileNet-224", optim="SGD-120",
+                                                 data="imagenet-aggressive-colorjitter"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
@@ -43,7 +91,7 @@ def test_unknown_key_names_file_key_and_near_match(tmp_path):
         load_family("model", str(path))
     message = str(e.value)
     assert message.startswith(f"{path}: unknown key 'model.widht_mult' (did you mean 'width_mult'?)")
-    assert "valid keys for model: name, arch, width_mult, input_size, dropout" in message
+    assert message.endswith("; valid keys for model: name, width_mult, dropout")
 
 
 @pytest.mark.parametrize("family, text, expected", [
@@ -158,3 +206,162 @@ def test_model_ref_is_a_width_or_a_config():
         load_model_ref("-1")
     with pytest.raises(ConfigError, match="config file not found: 0.3x"):
         load_model_ref("0.3x")
+
+
+# ------------------------------------------------------------------------------------------ composition
+def test_a_colorjitter_variant_is_its_base_plus_color_jitter():
+    for base in ("imagenet-aggressive", "imagenet-less-aggressive", "imagenet-more-aggressive",
+                 "imagenet-conservative"):
+        variant = load_family("data", f"{base}-colorjitter")
+        assert variant == dataclasses.replace(load_family("data", base), name=f"{base}-colorjitter",
+                                              color_jitter=(0.1, 0.1, 0.1, 0.1))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name != "experiments"],
+                         ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_a_shipped_file_states_only_what_differs_from_its_base_or_the_defaults(path, tmp_path):
+    """Every key but the name changes something: without it the file would load differently (a default
+    changed in the dataclass is not silently overridden by a file that restates the old one)."""
+    family = path.parent.name
+    raw = read_yaml(path)
+    if "base" in raw:
+        raw["base"] = str(resolve_path(raw["base"], family, path.parent))
+    for key in set(raw) - {"name", "base"}:
+        without = write(tmp_path / f"without-{key}.yaml", yaml.safe_dump({k: v for k, v in raw.items() if k != key}))
+        assert load_family(family, str(without)) != load_family(family, str(path)), \
+            f"{path.name} restates {family}.{key}: {raw[key]!r} is already its base's or the default"
+
+
+def test_a_base_is_resolved_beside_the_file_and_its_errors_name_their_own_file(tmp_path):
+    write(tmp_path / "root.yaml", "name: root\nlr: 0.4\nepochs: 10\n")
+    write(tmp_path / "mid.yaml", "base: root.yaml\nname: mid\nepochs: 20\n")    # relative to mid.yaml
+    leaf = write(tmp_path / "leaf.yaml", f"base: {tmp_path / 'mid.yaml'}\nname: leaf\nnesterov: false\n")
+    cfg = load_family("optim", str(leaf))
+    assert (cfg.name, cfg.lr, cfg.epochs, cfg.nesterov, cfg.momentum) == ("leaf", 0.4, 20, False, 0.9)
+    write(tmp_path / "root.yaml", "lr: fast\n")
+    with pytest.raises(ConfigError) as e:
+        load_family("optim", str(leaf))
+    assert str(e.value) == f"{tmp_path / 'root.yaml'}: key 'optim.lr': expected a number (float), got 'fast' (str)"
+
+
+def test_an_inline_section_may_name_a_base(tmp_path):
+    exp = load_experiment(str(write(tmp_path / "exp.yaml", "optim: {base: SGD-120, lr: 0.05}\n")))
+    assert exp.optim == dataclasses.replace(load_family("optim", "SGD-120"), lr=0.05)
+
+
+def test_an_unknown_base_gets_the_nearest_names(tmp_path):
+    path = write(tmp_path / "d.yaml", "base: imagenet-agressive\nname: d\n")
+    with pytest.raises(ConfigError) as e:
+        load_family("data", str(path))
+    assert str(e.value).startswith(f"{path}: key 'data.base': config file not found: imagenet-agressive (")
+    assert "; nearest names: imagenet-aggressive, " in str(e.value)
+    path = write(tmp_path / "d.yaml", "base: [imagenet-aggressive]\n")
+    with pytest.raises(ConfigError, match=r"key 'data.base': expected the name or path of a data file, got \["):
+        load_family("data", str(path))
+
+
+@pytest.mark.parametrize("files", [{"a": "b.yaml", "b": "c.yaml", "c": "a.yaml"}, {"a": "a.yaml"}])
+def test_a_base_chain_that_loops_is_an_error_naming_the_loop(tmp_path, files):
+    for name, base in files.items():
+        write(tmp_path / f"{name}.yaml", f"base: {base}\nname: {name}\n")
+    with pytest.raises(ConfigError) as e:
+        load_family("sched", str(tmp_path / "a.yaml"))
+    loop = " -> ".join(str(tmp_path / f"{n}.yaml") for n in [*files, "a"])
+    last = tmp_path / f"{list(files)[-1]}.yaml"
+    assert str(e.value) == (f"{last}: key 'sched.base': the base chain loops ({loop}); "
+                            f"a file cannot be its own base")
+
+
+# ----------------------------------------------------------------------------------------------- schema
+def test_choices_live_in_the_schema():
+    assert choices(TrainConfig, "compile_backend") == ("inductor", "aot_eager", "eager")
+    assert choices(SchedConfig, "type") == ("step", "cosine")
+    with pytest.raises(ConfigError, match="key 'data.loader': expected one of dali, torchvision, synthetic, "
+                                          "got 'nvidia'"):
+        load_experiment(overrides=["data.loader=nvidia"])
+
+
+@dataclasses.dataclass
+class Knobs:
+    """The loader knobs that take a number or 'auto' (DataConfig's num_threads, prefetch_queue_depth,
+    hw_decoder_load where pipelines resolve 'auto')."""
+    threads: int | Literal["auto"] = "auto"
+    load: float | Literal["auto"] = "auto"
+
+
+@pytest.mark.parametrize("mapping, expected", [
+    ({"threads": 8, "load": 1}, Knobs(8, 1.0)),          # an int is a number: 1 -> 1.0, as for a float field
+    ({"threads": "auto", "load": 0.99}, Knobs("auto", 0.99)),
+    ({}, Knobs("auto", "auto")),
+])
+def test_a_number_or_auto_takes_the_first_member_that_fits(mapping, expected):
+    got = build(Knobs, mapping, "k.yaml", "data")
+    assert got == expected and type(got.load) is type(expected.load)
+
+
+@pytest.mark.parametrize("mapping, expected", [
+    ({"threads": "fast"}, "key 'data.threads': expected an integer or 'auto', got 'fast' (str)"),
+    ({"threads": 2.5}, "key 'data.threads': expected an integer or 'auto', got 2.5 (float)"),
+    ({"threads": True}, "key 'data.threads': expected an integer or 'auto', got True (bool)"),
+    ({"load": "most"}, "key 'data.load': expected a number (float) or 'auto', got 'most' (str)"),
+])
+def test_a_number_or_auto_names_both_in_its_error(mapping, expected):
+    with pytest.raises(ConfigError) as e:
+        build(Knobs, mapping, "k.yaml", "data")
+    assert str(e.value) == f"k.yaml: {expected}"
+
+
+# ------------------------------------------------------------------------------------- retired keys
+OLD_CONFIG = {"model": {"name": "1x-FDMobileNet-224", "arch": "fd_mobilenet", "width_mult": 1.0, "input_size": 224,
+                        "dropout": 0.0},
+              "optim": {"name": "SGD-120-nesterov", "optimizer": "sgd", "lr": 0.1}}
+
+
+def test_a_stored_config_with_retired_keys_still_loads(tmp_path):
+    """Checkpoints and {label}.config.yaml written before model.arch, model.input_size and optim.optimizer
+    were removed: those keys are dropped, the rest is read."""
+    exp = from_dict(OLD_CONFIG)
+    assert exp.model == ModelConfig() and exp.optim == OptimConfig()
+    run_config = write(tmp_path / "old.config.yaml", yaml.safe_dump({"run": {"git_commit": "e0ee87a"},
+                                                                     **OLD_CONFIG}))
+    assert load_experiment(str(run_config)) == exp
+
+
+@pytest.mark.parametrize("item, why", [
+    ("model.input_size=160", "the train crop is data.crop_size, the val crop data.val_crop"),
+    ("model.arch=fd_mobilenet", "FD-MobileNet is the only architecture"),
+    ("optim.optimizer=sgd", "SGD is the only optimizer"),
+])
+def test_a_retired_key_written_by_hand_says_it_is_no_longer_read(tmp_path, item, why):
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_experiment(overrides=[item])
+    assert str(e.value) == f"command-line override '{item}': key '{key}' is no longer read ({why}); remove it"
+    section, name = key.split(".")
+    path = write(tmp_path / "old.yaml", f"{name}: {item.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: key '{key}' is no longer read"):
+        load_family(section, str(path))
+
+
+# --------------------------------------------------------------------------------------------- messages
+def test_a_mistyped_family_name_lists_the_nearest_names():
+    with pytest.raises(ConfigError) as e:
+        load_experiment(data="imagenet-agressive")
+    assert str(e.value).startswith("config file not found: imagenet-agressive (")
+    assert "; nearest names: imagenet-aggressive, " in str(e.value)   # the nearest first
+
+
+def test_an_invalid_choice_lists_the_valid_ones_whatever_its_type():
+    # YAML reads `false` as a boolean: the message is about the choice, not about the type
+    with pytest.raises(ConfigError, match=r"key 'train.compile': expected one of auto, on, off, got False$"):
+        load_experiment(overrides=["train.compile=false"])
+
+
+def test_a_runs_own_config_file_is_an_experiment(tmp_path):
+    """{label}.config.yaml (RunLogger.write_config: the resolved config plus a `run` section of metadata)
+    loads back as the same experiment."""
+    from fdmobilenet.logs import RunLogger
+    exp = load_experiment("demo", overrides=["optim.lr=0.3", "data.scale=[0.5, 1.0]"])
+    path = RunLogger(str(tmp_path), "r", enabled=True).write_config(to_dict(exp), {"git_commit": "abc"})
+    assert "git_commit: abc" in path.read_text()
+    assert load_experiment(str(path)) == exp

@@ -58,7 +58,7 @@ def experiments(tmp_path_factory) -> str:
     for name, width in WIDTHS.items():
         (d / f"{name}-digits.yaml").write_text(
             f"data: digits-demo\n"
-            f"model: {{name: {name}-FDMobileNet-32, width_mult: {width}, input_size: 32}}\n"
+            f"model: {{name: {name}-FDMobileNet-32, width_mult: {width}}}\n"
             f"optim: {{name: SGD-tiny, lr: 0.2, batch_size: 16, base_batch_size: 64, epochs: 2, "
             f"warmup_epochs: 0.5}}\n"
             f"sched: Cosine\n"
