@@ -18,8 +18,6 @@ over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed st
 records the step, and exit with code 0 (so torchrun does not count it as a failure; the SLURM script requeues).
 Any error on any rank prints its traceback and exits 1 at once; the launcher (torchrun, srun
 --kill-on-bad-exit) then stops the other ranks, so the job ends non-zero instead of hanging.
-Test-only fault injection (never set outside tests): FDM_TEST_RAISE_AT_STEP, FDM_TEST_NAN_AT_STEP
-(fdmobilenet/engine.py).
 """
 from __future__ import annotations
 

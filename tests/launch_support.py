@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from fault_plugin import fault_env
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-# Test-only fault hooks read by fdmobilenet.engine: never inherited by accident from the caller's environment.
-FAULT_HOOKS = ("FDM_TEST_RAISE_AT_STEP", "FDM_TEST_RAISE_RANK", "FDM_TEST_NAN_AT_STEP")
 
 
 def build_digits(root: Path) -> Path:
@@ -35,23 +35,23 @@ def run_words(digits: Path, out: Path, label: str, *extra: str, steps: int = 4, 
             "train.plot=false", *extra]
 
 
-def env(**extra: str) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in FAULT_HOOKS}
-    e.update({"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra})
-    return e
+def env(faults: dict | None = None, **extra: str) -> dict:
+    """The environment of a test's subprocess: ``faults`` (keywords of fault_plugin.fault_env, e.g.
+    ``{"raise_at_step": 9}``) switch the test-only fault plugin on; no fault is inherited from outside."""
+    return {**fault_env(**(faults or {})), "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def start(cmd: list[str], log: Path, **env_extra: str) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, faults: dict | None = None, **env_extra: str) -> subprocess.Popen:
     """Start ``cmd`` in its own session (so the test can signal its whole process group, as SLURM does),
     stdout and stderr into ``log``."""
     with open(log, "wb") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=REPO, env=env(faults, **env_extra), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
-def run(cmd: list[str], log: Path, timeout: float, **env_extra: str) -> tuple[int, str]:
+def run(cmd: list[str], log: Path, timeout: float, faults: dict | None = None, **env_extra: str) -> tuple[int, str]:
     """Run ``cmd`` to the end (bounded); returns (exit code, log text)."""
-    p = start(cmd, log, **env_extra)
+    p = start(cmd, log, faults, **env_extra)
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -37,12 +37,13 @@ def good_checkpoint(digits, tmp_path_factory) -> Path:
     return out / "good.pth.tar"
 
 
-def train(root: Path, out: Path, label: str, *extra: str, hooks: dict | None = None,
+def train(root: Path, out: Path, label: str, *extra: str, faults: dict | None = None,
           preexec=None) -> subprocess.CompletedProcess:
-    """One plain train_ddp.py process (a run takes 3-7 s here; 60 s means it hangs)."""
+    """One plain train_ddp.py process (a run takes 3-7 s here; 60 s means it hangs). ``faults``: keywords
+    of fault_plugin.fault_env."""
     words = run_words(root, out, label, *extra, steps=STEPS)
     return subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *words], cwd=REPO,
-                          env=env(**(hooks or {})), capture_output=True, text=True, timeout=60, preexec_fn=preexec)
+                          env=env(faults), capture_output=True, text=True, timeout=60, preexec_fn=preexec)
 
 
 def resumable(good: Path, out: Path, label: str) -> str:
@@ -168,7 +169,7 @@ def test_crafted_pickle_checkpoint_is_refused_by_train_and_evaluate(digits, tmp_
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(digits, good_checkpoint, tmp_path):
     before = resumable(good_checkpoint, tmp_path, "run")
     # resumed at global step 2; the loss of global step 3 (epoch 2, its first step) becomes NaN
-    p = train(digits, tmp_path, "run", "optim.epochs=2", hooks={"FDM_TEST_NAN_AT_STEP": "3"})
+    p = train(digits, tmp_path, "run", "optim.epochs=2", faults={"nan_at_step": 3})
     assert_fails(p, "NonFiniteLossError: training loss is NaN/Inf", "global step 3",
                  "the last checkpoint is the last good state", "Lower optim.lr")
     assert sha256(tmp_path / "run.pth.tar") == before

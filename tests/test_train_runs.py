@@ -1,12 +1,11 @@
 """Whole runs of train_ddp.py / evaluate.py as subprocesses, on CPU: real torchrun, real gloo process groups,
 real JPEGs (scikit-learn's digits, scikit-image's photos), the authors' released weights.
 
-Test-only fault injection (read by fdmobilenet.engine): FDM_TEST_RAISE_AT_STEP, FDM_TEST_NAN_AT_STEP.
+Crashes are injected by the test-only fault plugin (tests/fault_plugin), switched on per run with ``faults``.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fault_plugin import fault_env
 from fdmobilenet.checkpoint import load_checkpoint
 from fdmobilenet.model import FDMobileNet
 
@@ -23,16 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 RELEASED = REPO.parent / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
 
 
-def run(script: str, *words: str, nproc: int = 0, env: dict | None = None, timeout: float = 180,
+def run(script: str, *words: str, nproc: int = 0, faults: dict | None = None, timeout: float = 180,
         cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """``script`` as one plain process (nproc=0) or under torchrun with ``nproc`` CPU ranks."""
+    """``script`` as one plain process (nproc=0) or under torchrun with ``nproc`` CPU ranks; ``faults``:
+    keywords of fault_plugin.fault_env (e.g. ``{"raise_at_step": 9}``)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc else [sys.executable]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    for hook in ("FDM_TEST_RAISE_AT_STEP", "FDM_TEST_NAN_AT_STEP", "FDM_TEST_RAISE_RANK"):
-        if hook not in (env or {}):
-            full_env.pop(hook, None)
-    return subprocess.run([*launcher, str(REPO / script), *words], cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run([*launcher, str(REPO / script), *words], cwd=cwd,
+                          env={**fault_env(**(faults or {})), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -86,7 +84,7 @@ def test_resume_is_exact_at_epoch_boundary_and_mid_epoch(digits, tmp_path):
 
     # a crash in epoch 2 after a step checkpoint (global step 8 = epoch 2 step 2), then auto-resume mid-epoch
     crashed = run("train_ddp.py", *digits_run(digits, tmp_path, "mid", "train.save_every_steps=4"),
-                  env={"FDM_TEST_RAISE_AT_STEP": "9"})
+                  faults={"raise_at_step": 9})
     assert crashed.returncode != 0 and "injected failure on rank 0 at global step 9" in crashed.stderr
     ck = load_checkpoint(tmp_path / "mid.pth.tar")
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 8)
@@ -115,7 +113,7 @@ def test_mid_epoch_resume_is_exact_with_dali_reader_state(digits, tmp_path):
     loader continue by itself instead of skipping batches. DALI CPU graph, one thread: bit-identical."""
     dali = ["data.loader=dali", "data.num_threads=1", "train.save_every_steps=4"]
     ok(run("train_ddp.py", *digits_run(digits, tmp_path, "straight", *dali)))
-    crashed = run("train_ddp.py", *digits_run(digits, tmp_path, "mid", *dali), env={"FDM_TEST_RAISE_AT_STEP": "9"})
+    crashed = run("train_ddp.py", *digits_run(digits, tmp_path, "mid", *dali), faults={"raise_at_step": 9})
     assert crashed.returncode != 0
     # DALI's own reader state; its epoch is the whole digits set, which the 6-step trainer epochs continue
     # through, so 8 batches of it are done (6 in trainer epoch 1, 2 in epoch 2)
@@ -129,7 +127,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     words = ["--config", "demo", "data.loader=synthetic", "data.crop_size=32", "data.val_crop=32",
              "optim.batch_size=8", "train.steps_per_epoch=10", "train.save_every_steps=2", "train.print_freq=100",
              f"train.output_dir={tmp_path}", "--label=nan"]
-    p = run("train_ddp.py", *words, env={"FDM_TEST_NAN_AT_STEP": "3"})
+    p = run("train_ddp.py", *words, faults={"nan_at_step": 3})
     assert p.returncode != 0
     assert "NonFiniteLossError: training loss is NaN/Inf in epoch 1, at global step 3 (counted from 0)" in p.stderr
     ck = load_checkpoint(tmp_path / "nan.pth.tar")      # written after 2 steps; the save at 4 was refused
@@ -141,7 +139,7 @@ def test_a_raising_rank_ends_the_torchrun_job_quickly(tmp_path):
     start = time.monotonic()
     p = run("train_ddp.py", "--config", "demo", "data.loader=synthetic", "data.crop_size=32", "data.val_crop=32",
             "optim.batch_size=8", "train.steps_per_epoch=100000", "train.print_freq=1",
-            f"train.output_dir={tmp_path}", nproc=2, env={"FDM_TEST_RAISE_AT_STEP": "3"}, timeout=60)
+            f"train.output_dir={tmp_path}", nproc=2, faults={"raise_at_step": 3}, timeout=60)
     elapsed = time.monotonic() - start
     assert p.returncode != 0
     assert "[rank 1] training failed" in p.stderr and "injected failure on rank 1 at global step 3" in p.stderr
