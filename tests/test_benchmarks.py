@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import collect_results  # noqa: E402
 import common  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def run_script(out: Path, work: Path, timeout: int, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu.sh"), "--cpu", "--out", str(out)],

@@ -21,6 +21,7 @@ from launch_support import LAUNCH, build_digits, children, global_steps, kill_gr
     tail, wait_for
 
 STEPS = 80   # a long enough epoch that the signal lands mid-epoch (the ranks poll the flag every 10 steps)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
