@@ -1,10 +1,10 @@
-# The two commands of the README:  `make demo`  (the main job)  and  `make test`.
-# Both create .venv first (launch/setup_env.sh).
+# The two commands of the README:  `make demo`  (the main job)  and  `make test`  (everything, as CI runs it);
+# `make test-fast` leaves out the tests marked slow or slurm (setup.cfg). All create .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env demo test
+.PHONY: env demo test test-fast
 env:
 	@bash launch/setup_env.sh $(VENV)
 
@@ -14,3 +14,6 @@ demo: env
 
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: env
+	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)

@@ -18,8 +18,6 @@ over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed st
 records the step, and exit with code 0 (so torchrun does not count it as a failure; the SLURM script requeues).
 Any error on any rank prints its traceback and exits 1 at once; the launcher (torchrun, srun
 --kill-on-bad-exit) then stops the other ranks, so the job ends non-zero instead of hanging.
-Test-only fault injection (never set outside tests): FDM_TEST_RAISE_AT_STEP, FDM_TEST_NAN_AT_STEP
-(fdmobilenet/engine.py).
 """
 from __future__ import annotations
 
@@ -126,9 +124,11 @@ def set_rng_state(state: dict) -> None:
 def save_state(t: Trainer, cfg: ExperimentConfig, loader, epoch: int, step_in_epoch: int, best_top1: float,
                *paths: str) -> None:
     """Collective (every rank calls it at the same point): check the loss is finite on all ranks, gather
-    RNG states, then rank 0 writes each path atomically. ``epoch`` / ``step_in_epoch``: where a resume starts."""
+    every rank's RNG and reader states, then rank 0 writes each path atomically. ``epoch`` /
+    ``step_in_epoch``: where a resume starts."""
     t.check_finite(epoch)   # never replace a good checkpoint with diverged weights
-    rngs = gather_to_main(rng_state(), t.info)
+    # every rank's own generators and reader state: each rank reads its own shard with its own augmentation
+    per_rank = gather_to_main((rng_state(), loader.state_dict()), t.info)
     if not t.info.is_main:
         return
     state = {
@@ -139,14 +139,16 @@ def save_state(t: Trainer, cfg: ExperimentConfig, loader, epoch: int, step_in_ep
         "ema": t.ema.module.state_dict() if t.ema else None,
         "ema_n_averaged": int(t.ema.n_averaged) if t.ema else 0,
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": t.global_step, "best_top1": best_top1,
-        "config": to_dict(cfg), "rng": rngs, "loader": loader.state_dict(), "world_size": t.info.world_size}
+        "config": to_dict(cfg), "rng": [rng for rng, _ in per_rank], "loader": [state for _, state in per_rank],
+        "world_size": t.info.world_size}
     for path in paths:
         save_checkpoint(state, path)
 
 
 def restore_state(t: Trainer, ckpt: dict, loader, path: str) -> tuple[int, int, float, dict | None]:
     """Load everything save_state wrote; returns (epoch, step_in_epoch, best_top1, this rank's RNG state or
-    None when the world size changed - to be applied once the loader is positioned)."""
+    None when the world size changed - to be applied once the loader is positioned). The loader gets this
+    rank's reader state (rank 0's when the world size changed)."""
     load_weights(t.module, ckpt, path)
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(ckpt["scheduler"])
@@ -156,8 +158,11 @@ def restore_state(t: Trainer, ckpt: dict, loader, path: str) -> tuple[int, int, 
         load_weights(t.ema.module, ckpt["ema"], f"{path} (ema)")
         t.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
     t.global_step = ckpt["global_step"]
-    loader.load_state_dict(ckpt.get("loader") or {})
-    same_layout = ckpt.get("world_size") == t.info.world_size   # then each rank gets its own generators back
+    same_layout = ckpt.get("world_size") == t.info.world_size   # then each rank gets its own states back
+    states = ckpt.get("loader") or [{}]
+    if isinstance(states, dict):   # a file holding one reader state (rank 0's) for every rank
+        states = [states]
+    loader.load_state_dict(states[t.info.rank] if same_layout and len(states) > 1 else states[0])
     return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_top1"], ckpt["rng"][t.info.rank] if same_layout else None
 
 
@@ -217,7 +222,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
         start_epoch, start_step, best_top1, rng = restore_state(t, ckpt, train_loader, ckpt_path)
         # Mid-epoch: a loader with reader state (DALI) continues from it by itself; one without replays the
         # epoch's order and the first start_step batches are drawn and dropped (engine.epoch_batches).
-        skip = 0 if ckpt.get("loader") else start_step
+        skip = 0 if train_loader.state_dict() else start_step
         log.print(f"resumed from {ckpt_path}: epoch {start_epoch + 1} step {start_step}, "
                   f"global step {t.global_step}, best top-1 {best_top1:.2f}%")
     del ckpt

@@ -19,14 +19,6 @@ from torch import nn
 from fdmobilenet.config import TrainConfig
 from fdmobilenet.distributed import DistInfo, all_reduce_sum
 
-# Test-only fault injection, read once at import. Never set these outside tests.
-#   FDM_TEST_RAISE_AT_STEP=k  rank FDM_TEST_RAISE_RANK (default: the last rank) raises before global step k
-#   FDM_TEST_NAN_AT_STEP=k    every rank's loss becomes NaN at global step k
-_RAISE_AT = int(os.environ.get("FDM_TEST_RAISE_AT_STEP", -1))
-_RAISE_RANK = os.environ.get("FDM_TEST_RAISE_RANK")
-_NAN_AT = int(os.environ.get("FDM_TEST_NAN_AT_STEP", -1))
-
-
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; raised before any checkpoint could store the diverged weights."""
 
@@ -152,14 +144,9 @@ class Trainer:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, number correct) as device tensors."""
-        if self.global_step == _RAISE_AT and self.info.rank == int(_RAISE_RANK or self.info.world_size - 1):
-            raise RuntimeError(f"FDM_TEST_RAISE_AT_STEP: injected failure on rank {self.info.rank} "
-                               f"at global step {self.global_step}")
         with autocast(self.info.device, self.amp_dtype):
             output = self.model(model_input(images, self.amp_dtype))
             loss = self.criterion(output, labels)
-        if self.global_step == _NAN_AT:
-            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

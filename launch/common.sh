@@ -1,7 +1,7 @@
 # Shared by launch/*.sh and launch/*.sbatch (sourced, not run). Sets:
 #   ROOT      the repository root
 #   PYTHON    the interpreter (PYTHON env, else ROOT/.venv/bin/python, else python3)
-#   TRAIN     the training script (TRAIN env, default ROOT/train_ddp.py; the tests point it at stand-ins)
+#   TRAIN     the training script (TRAIN env, default ROOT/train_ddp.py)
 #   TORCHRUN  torchrun as a module of $PYTHON (same interpreter as the workers, no PATH surprises)
 # and the thread / NCCL defaults below. Every default can be overridden from the environment.
 

@@ -1,15 +1,46 @@
-"""Shared data fixtures: small ImageFolder trees of real photographs (scikit-image's bundled photos).
+"""Shared fixtures and the markers' rules (registered in setup.cfg).
 
-Every image is a crop of a real photo, rescaled to 64-160 px and saved as a JPEG, so decoders see real
-photo content; the trees are made once per test session.
+* ``released_weights``: the authors' released 0.25x checkpoint from ../shared beside the repository; tests
+  that use it are marked ``needs_fixture``. Without ../shared they are skipped with the reason, except in
+  CI (CI=true), which always has it: there a missing file fails them.
+* ``gpu``-marked tests are skipped, with the reason, where torch sees no CUDA device.
+* Small ImageFolder trees of real photographs (scikit-image's bundled photos): every image is a crop of a
+  real photo, rescaled to 64-160 px and saved as a JPEG, so decoders see real photo content; the trees are
+  made once per test session.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "released_weights" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.needs_fixture)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False here")
+
+
+@pytest.fixture(scope="session")
+def released_weights() -> Path:
+    """The authors' FD-MobileNet 0.25x file (../shared/fixtures/original/, see its README there)."""
+    if not RELEASED.is_file():
+        why = f"the authors' released weights are not at {RELEASED} (../shared beside the repository)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI always has ../shared, but {why}")
+        pytest.skip(why)
+    return RELEASED
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "cat",
           "colorwheel")

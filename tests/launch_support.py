@@ -1,6 +1,7 @@
-"""Helpers for the launch / fault tests (test_launch_*, test_elastic, test_preemption, test_bad_input): short
-real training runs of train_ddp.py on scikit-learn's digits, started through the project's launch scripts,
-and the process plumbing to watch and signal them (log lines, process groups, torchrun's children via /proc).
+"""Helpers for the launch / fault tests (test_launch_*, test_elastic, test_preemption, test_bad_input,
+test_train_runs): short real training runs of train_ddp.py on scikit-learn's digits, started through the
+project's launch scripts, the process plumbing to watch and signal them (log lines, process groups,
+torchrun's children via /proc), and the comparison of two runs' checkpoints.
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from fault_plugin import fault_env
+from fdmobilenet.checkpoint import load_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-# Test-only fault hooks read by fdmobilenet.engine: never inherited by accident from the caller's environment.
-FAULT_HOOKS = ("FDM_TEST_RAISE_AT_STEP", "FDM_TEST_RAISE_RANK", "FDM_TEST_NAN_AT_STEP")
 
 
 def build_digits(root: Path) -> Path:
@@ -35,23 +39,23 @@ def run_words(digits: Path, out: Path, label: str, *extra: str, steps: int = 4, 
             "train.plot=false", *extra]
 
 
-def env(**extra: str) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in FAULT_HOOKS}
-    e.update({"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra})
-    return e
+def env(faults: dict | None = None, **extra: str) -> dict:
+    """The environment of a test's subprocess: ``faults`` (keywords of fault_plugin.fault_env, e.g.
+    ``{"raise_at_step": 9}``) switch the test-only fault plugin on; no fault is inherited from outside."""
+    return {**fault_env(**(faults or {})), "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def start(cmd: list[str], log: Path, **env_extra: str) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, faults: dict | None = None, **env_extra: str) -> subprocess.Popen:
     """Start ``cmd`` in its own session (so the test can signal its whole process group, as SLURM does),
     stdout and stderr into ``log``."""
     with open(log, "wb") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=REPO, env=env(faults, **env_extra), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
-def run(cmd: list[str], log: Path, timeout: float, **env_extra: str) -> tuple[int, str]:
+def run(cmd: list[str], log: Path, timeout: float, faults: dict | None = None, **env_extra: str) -> tuple[int, str]:
     """Run ``cmd`` to the end (bounded); returns (exit code, log text)."""
-    p = start(cmd, log, **env_extra)
+    p = start(cmd, log, faults, **env_extra)
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -116,6 +120,17 @@ def children(pid: int) -> list[int]:
     return sorted(kids)
 
 
+def worker_ranks(pid: int) -> dict[int, int]:
+    """{RANK: pid} of torchrun's workers (children of ``pid``), from each worker's environment."""
+    ranks = {}
+    for kid in children(pid):
+        environ = dict(item.split("=", 1) for item in
+                       (Path("/proc") / str(kid) / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+        ranks[int(environ["RANK"])] = kid
+    return ranks
+
+
 def global_steps(text: str, steps_per_epoch: int) -> list[int]:
     """Global steps of the trainer's per-step lines ``epoch E/N step s/S``."""
     return [(int(e) - 1) * steps_per_epoch + int(s) for e, s in re.findall(r"epoch (\d+)/\d+ step (\d+)/\d+", text)]
@@ -123,3 +138,20 @@ def global_steps(text: str, steps_per_epoch: int) -> list[int]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same training state exactly: weights, EMA, optimizer, scheduler."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["global_step"] == cb["global_step"] and ca["epoch"] == cb["epoch"]
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for key, value in ca["state_dict"].items():
+        assert torch.equal(value, cb["state_dict"][key]), f"{key} differs between {a.name} and {b.name}"
+    for key, value in ca["ema"].items():
+        assert torch.equal(value, cb["ema"][key]), f"EMA {key} differs between {a.name} and {b.name}"
+    assert ca["ema_n_averaged"] == cb["ema_n_averaged"] == ca["global_step"]
+    for key, value in ca["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], cb["optimizer"]["state"][key]["momentum_buffer"])
+    # the lr the next step would use (optimizer) and the schedule's position (scheduler: last_epoch, _last_lr)
+    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
+    assert ca["scheduler"] == cb["scheduler"] and ca["scheduler"]["last_epoch"] == ca["global_step"]

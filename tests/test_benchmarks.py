@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import collect_results  # noqa: E402
 import common  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def run_script(out: Path, work: Path, timeout: int, **env) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu.sh"), "--cpu", "--out", str(out)],
@@ -96,7 +98,8 @@ def test_record_run_keeps_other_sections(cpu_run, tmp_path):
 def test_time_box_records_timeouts_and_skips(tmp_path):
     """Steps cut by the total budget are recorded as timed out (killed at the budget's end) or skipped (too
     little left to start), and the results are still written with every section: what the GPU run relies on
-    when it runs out of time. Which step is cut depends on this machine's speed, so both are accepted."""
+    when it runs out of time. Which step is cut first, and how, depends on the machine's speed and load, so
+    any is accepted (at 16 s some step always is: the toy run is several times longer)."""
     out, work = tmp_path / "out", tmp_path / "work"
     proc = run_script(out, work, timeout=120, BENCH_TOTAL_S="16")
     assert proc.returncode == 1
@@ -104,13 +107,13 @@ def test_time_box_records_timeouts_and_skips(tmp_path):
     status = {s["name"]: s["status"] for s in res["steps"]}
     assert list(status) == ["dataset", "flops", "ceilings", "end_to_end", "pipeline", "ddp", "ddp_gloo_1",
                             "ddp_gloo_2"]
-    assert status["dataset"] == "ok" and status["ddp_gloo_2"] == "skipped", status
     cut = [name for name, st in status.items() if st != "ok"]
-    assert all(status[name] in ("timeout", "skipped") for name in cut), status
+    assert cut and all(status[name] in ("timeout", "skipped") for name in cut), status
     assert list(status)[-len(cut):] == cut, status   # once cut, every later step is cut too
     assert max(s["started_at_s"] + s["seconds"] for s in res["steps"]) <= 16 + 12   # + timeout's kill grace
     assert set(collect_results.SECTIONS) <= set(res)
-    assert "skipped" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert all(f"| {name} | {st} |" in md for name, st in status.items()), md   # the steps table says which
 
 
 def test_record_edits_only_its_section(tmp_path):

@@ -1,8 +1,7 @@
-"""Checkpoint I/O: atomic saves, refused unsafe pickles, and errors that name the file and say what to do."""
-import errno
+"""Checkpoint I/O: atomic saves, refused unsafe pickles, and errors that name the file and say what to do.
+(A write that fails on a full disk: the real tmpfs in test_bad_input.py.)"""
 import os
 import shlex
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ import torch
 from fdmobilenet import FDMobileNet
 from fdmobilenet.checkpoint import (CheckpointError, load_checkpoint, load_weights, model_state_dict,
                                     save_checkpoint, strip_prefixes)
-
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
 
 
 def small_ckpt(seed=0):
@@ -33,31 +30,6 @@ def test_save_is_atomic_and_round_trips(tmp_path):
         assert torch.equal(back["state_dict"][key], value)
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pth.tar"
-    save_checkpoint(small_ckpt(0), path)
-    before = path.read_bytes()
-
-    real_save = torch.save
-
-    def disk_full(obj, f, *args, **kwargs):
-        # Simulates a full disk: part of the data reaches the file, then the write fails with ENOSPC (a mock,
-        # because filling a real filesystem in a unit test is neither safe nor quick).
-        f.write(b"PK\x03\x04 partial data")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError) as e:
-        save_checkpoint(small_ckpt(1), path)
-    monkeypatch.setattr(torch, "save", real_save)
-    message = str(e.value)
-    assert str(path) in message and "No space left on device" in message and "unchanged" in message
-    assert isinstance(e.value.__cause__, OSError)
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth.tar"]  # temp file removed
-    assert path.read_bytes() == before
-    assert load_checkpoint(path)["epoch"] == 0
-
-
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'nope.pth.tar'} not found; check the path"):
         load_checkpoint(tmp_path / "nope.pth.tar")
@@ -66,19 +38,22 @@ def test_missing_file_and_directory(tmp_path):
     assert issubclass(CheckpointError, RuntimeError)
 
 
-@pytest.mark.parametrize("source", ["zip", "legacy"])
-def test_truncated_file_is_reported(tmp_path, source):
-    if source == "zip":  # torch >= 1.6 format
-        save_checkpoint(small_ckpt(), tmp_path / "full.pth.tar")
-        data = (tmp_path / "full.pth.tar").read_bytes()
-    else:  # the authors' torch 0.3 format
-        data = RELEASED.read_bytes()
+def assert_truncation_reported(tmp_path, data: bytes) -> None:
     path = tmp_path / "cut.pth.tar"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     assert str(e.value).startswith(f"checkpoint {path} is truncated or corrupt (")
     assert "use an earlier checkpoint or re-download it" in str(e.value)
+
+
+def test_truncated_file_is_reported(tmp_path):   # torch >= 1.6 format
+    save_checkpoint(small_ckpt(), tmp_path / "full.pth.tar")
+    assert_truncation_reported(tmp_path, (tmp_path / "full.pth.tar").read_bytes())
+
+
+def test_truncated_legacy_file_is_reported(tmp_path, released_weights):   # the authors' torch 0.3 format
+    assert_truncation_reported(tmp_path, released_weights.read_bytes())
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n"])
@@ -140,13 +115,13 @@ def test_model_state_dict_finds_the_weights():
         model_state_dict({"epoch": 3}, "run.pth")
 
 
-def test_other_width_mismatch_names_key_and_shapes():
+def test_other_width_mismatch_names_key_and_shapes(released_weights):
     model = FDMobileNet(0.5)
     with pytest.raises(CheckpointError) as e:
-        load_weights(model, load_checkpoint(RELEASED), str(RELEASED))
+        load_weights(model, load_checkpoint(released_weights), str(released_weights))
     n = sum(1 for k in model.state_dict() if not k.endswith("num_batches_tracked") and not k.startswith("classifier.bias"))
     assert str(e.value) == (
-        f"checkpoint {RELEASED} does not fit the model: features.conv_0.weight has shape (8, 3, 3, 3) in the "
+        f"checkpoint {released_weights} does not fit the model: features.conv_0.weight has shape (8, 3, 3, 3) in the "
         f"checkpoint but (16, 3, 3, 3) in the model (first of {n} mismatches) — was it trained with another "
         "width_mult?")
 

@@ -1,8 +1,9 @@
-"""The config system: every shipped file loads, experiments compose, overrides apply, and mistakes get
-messages that name the file, the key and what was expected."""
+"""The config system: every shipped file loads and holds the values its name and the paper say, experiments
+compose, overrides apply, and mistakes get messages that name the file, the key and what was expected."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -75,9 +76,95 @@ def test_every_shipped_file_loads(path):
     assert load_family(family, path.stem) == cfg  # and the bare name finds the same file
 
 
-def test_model_configs_are_the_papers_widths():
-    assert {load_family("model", w).width_mult for w in ("1x-FDMobileNet-224", "0.5x-FDMobileNet-224",
-                                                        "0.25x-FDMobileNet-224")} == {1.0, 0.5, 0.25}
+# ------------------------------------------------------------------------------------ shipped values, pinned
+# Every value that makes a shipped file what its name says, from the paper (Qin et al. 2018) and the authors'
+# configs: a changed value, or two files swapped, fails below. Absolute values, not the dataclass defaults
+# (a changed default must fail here too).
+IMAGENET = dict(root="data/imagenet", layout="folder", num_classes=1000, loader="dali", crop_size=224,
+                ratio=(0.75, 4 / 3), hflip=True, val_resize=256, val_crop=224, mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225))
+JITTER = dict(color_jitter=(0.1, 0.1, 0.1, 0.1))
+AGGRESSIVE = dict(IMAGENET, train_crop="random_resized", scale=(0.36, 1.0), color_jitter=None)
+LESS = dict(AGGRESSIVE, scale=(0.64, 1.0))
+MORE = dict(AGGRESSIVE, scale=(0.08, 1.0))
+CONSERVATIVE = dict(IMAGENET, train_crop="random", train_resize=256, color_jitter=None)
+PAPER_SGD = dict(lr=0.1, momentum=0.9, weight_decay=4e-5, nesterov=True, epochs=120, batch_size=256,
+                 base_batch_size=256, warmup_epochs=0.0, label_smoothing=0.0, no_wd_bn_bias=False, ema_decay=0.0)
+PINNED = {
+    "data/imagenet-aggressive": AGGRESSIVE,
+    "data/imagenet-aggressive-colorjitter": dict(AGGRESSIVE, **JITTER),
+    "data/imagenet-less-aggressive": LESS,
+    "data/imagenet-less-aggressive-colorjitter": dict(LESS, **JITTER),
+    "data/imagenet-more-aggressive": MORE,
+    "data/imagenet-more-aggressive-colorjitter": dict(MORE, **JITTER),
+    "data/imagenet-conservative": CONSERVATIVE,
+    "data/imagenet-conservative-colorjitter": dict(CONSERVATIVE, **JITTER),
+    "data/digits-demo": dict(root="data/digits", layout="folder", num_classes=10, loader="dali",
+                             train_crop="random_resized", crop_size=64, scale=(0.6, 1.0), ratio=(0.8, 1.25),
+                             hflip=False, color_jitter=None, val_resize=72, val_crop=64, mean=(0.3094,) * 3,
+                             std=(0.3489,) * 3),
+    "model/1x-FDMobileNet-224": dict(width_mult=1.0, dropout=0.0),
+    "model/0.5x-FDMobileNet-224": dict(width_mult=0.5, dropout=0.0),
+    "model/0.25x-FDMobileNet-224": dict(width_mult=0.25, dropout=0.0),
+    "optim/SGD-120-nesterov": PAPER_SGD,
+    "optim/SGD-120": dict(PAPER_SGD, nesterov=False),
+    "optim/SGD-90-nesterov": dict(PAPER_SGD, epochs=90),
+    "optim/SGD-120-nesterov-bs1024": dict(PAPER_SGD, batch_size=1024, warmup_epochs=5.0),
+    "sched/StepLR-30-0.1": dict(type="step", step_size=30, gamma=0.1),
+    "sched/Cosine": dict(type="cosine", min_lr=0.0),
+}
+FAMILY_FILES = [p for p in SHIPPED if p.parent.name != "experiments"]
+
+
+def test_every_shipped_family_file_is_pinned():
+    assert sorted(f"{p.parent.name}/{p.stem}" for p in FAMILY_FILES) == sorted(PINNED)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_shipped_file_values(name):
+    family, stem = name.split("/")
+    cfg = load_family(family, stem)
+    got = {key: getattr(cfg, key) for key in PINNED[name]}
+    assert got == PINNED[name], f"configs/{name}.yaml: " + ", ".join(
+        f"{key} is {got[key]!r}, expected {value!r}" for key, value in PINNED[name].items() if got[key] != value)
+
+
+def test_values_named_in_the_file_names():
+    """What a name promises: the width of 'Wx-FDMobileNet-224'; the epochs, momentum kind and batch of
+    'SGD-E[-nesterov][-bsB]'; the step and factor of 'StepLR-S-G'."""
+    for path in CONFIG_DIR.glob("model/*.yaml"):
+        width = re.fullmatch(r"([\d.]+)x-FDMobileNet-224", path.stem)
+        assert width and load_family("model", str(path)).width_mult == float(width.group(1)), path
+    for path in CONFIG_DIR.glob("optim/*.yaml"):
+        m = re.fullmatch(r"SGD-(\d+)(-nesterov)?(?:-bs(\d+))?", path.stem)
+        cfg = load_family("optim", str(path))
+        assert m and (cfg.epochs, cfg.nesterov, cfg.batch_size) == (int(m.group(1)), bool(m.group(2)),
+                                                                   int(m.group(3) or 256)), path
+    for path in CONFIG_DIR.glob("sched/StepLR-*.yaml"):
+        step, gamma = path.stem.split("-")[1:]
+        assert (load_family("sched", str(path)).step_size, load_family("sched", str(path)).gamma) == \
+            (int(step), float(gamma)), path
+
+
+@pytest.mark.parametrize("width", ["1x", "0.5x", "0.25x"])
+def test_paper_experiments_compose_the_paper_recipe(width):
+    exp = load_experiment(f"{width}-FDMobileNet-224")
+    assert exp.data == load_family("data", "imagenet-aggressive")
+    assert exp.model == load_family("model", f"{width}-FDMobileNet-224")
+    assert exp.optim == load_family("optim", "SGD-120-nesterov")
+    assert exp.sched == load_family("sched", "StepLR-30-0.1")
+    assert (exp.train.label, exp.train.output_dir, exp.train.print_freq) == (f"{width}-FDMobileNet-224",
+                                                                           "checkpoints", 100)
+
+
+def test_demo_experiment():
+    exp = load_experiment("demo")
+    assert exp.data == load_family("data", "digits-demo")
+    assert (exp.model.width_mult, exp.model.dropout) == (0.25, 0.0)
+    assert {key: getattr(exp.optim, key) for key in PAPER_SGD} == dict(
+        PAPER_SGD, lr=0.2, epochs=20, batch_size=64, base_batch_size=64, warmup_epochs=1.0)
+    assert (exp.sched.type, exp.sched.min_lr) == ("cosine", 0.0)
+    assert (exp.train.label, exp.train.output_dir, exp.train.print_freq) == ("demo", "checkpoints", 10)
 
 
 def write(path: Path, text: str) -> Path:

@@ -10,7 +10,6 @@ from fdmobilenet import FDMobileNet
 from fdmobilenet.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASED = ROOT.parent / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
 _spec = importlib.util.spec_from_file_location("convert_model", ROOT / "convert_model.py")
 convert_model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_model)
@@ -66,11 +65,11 @@ def test_wrong_width_is_refused_and_nothing_written(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_released_file_via_config_name(tmp_path):
+def test_released_file_via_config_name(released_weights, tmp_path):
     out = tmp_path / "released.pth.tar"
-    assert convert_model.main(["--model", "0.25x-FDMobileNet-224", "--input", str(RELEASED),
+    assert convert_model.main(["--model", "0.25x-FDMobileNet-224", "--input", str(released_weights),
                                "--output", str(out)]) == 0
-    original = load_checkpoint(RELEASED)["state_dict"]
+    original = load_checkpoint(released_weights)["state_dict"]
     converted = load_checkpoint(out)
     assert converted["name"] == "0.25x-FDMobileNet-224"
     for key, value in original.items():

@@ -18,6 +18,7 @@ from launch_support import LAUNCH, build_digits, children, global_steps, kill_gr
 
 STEPS = 40          # one epoch of 40 steps of 16 images (8 per rank)
 SAVE_EVERY = 4      # train.save_every_steps: at most this many steps may be lost
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

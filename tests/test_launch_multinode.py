@@ -20,6 +20,7 @@ from fdmobilenet.checkpoint import load_checkpoint
 from launch_support import LAUNCH, build_digits, kill_group, run, run_words, start, tail
 
 STEPS = 6
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,8 @@ from fdmobilenet.checkpoint import load_checkpoint
 from launch_support import LAUNCH, REPO, build_digits, env, global_steps, run_words, wait_for
 
 CLUSTER = LAUNCH / "slurm_localhost"
+SLOW_SAVE_S = 5   # each checkpoint write takes this much longer: far more than the batch shell needs to react
+pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,11 @@ def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
 
 
-def sbatch(script: str, out_dir, *words: str) -> int:
-    """Submit from the repository root (the scripts find it through SLURM_SUBMIT_DIR); 5-minute limit."""
-    p = subprocess.run(["sbatch", "--parsable", "-t", "5", "-o", f"{out_dir}/%x-%j.out", str(LAUNCH / script),
-                        *words], cwd=REPO, env=env(), capture_output=True, text=True,
+def sbatch(script: str, out_dir, *words: str, faults: dict | None = None) -> int:
+    """Submit from the repository root (the scripts find it through SLURM_SUBMIT_DIR); 5-minute limit. The
+    job gets the submitting environment (sbatch's default --export=ALL), ``faults`` included."""
+    p = subprocess.run(["sbatch", "--parsable", "-t", "5", "-o", f"{out_dir}/job-%j.out", str(LAUNCH / script),
+                        *words], cwd=REPO, env=env(faults), capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, f"sbatch failed: {p.stderr}"
     return int(p.stdout.strip().split(";")[0])
@@ -64,9 +68,13 @@ def wait_job(job: int, timeout: int = 150) -> str:
     return p.stdout.strip() + (f" (exit {p.returncode})" if p.returncode else "")
 
 
+def output_file(out_dir, job: int) -> Path:
+    return out_dir / f"job-{job}.out"
+
+
 def job_output(out_dir, job: int) -> str:
-    files = list(out_dir.glob(f"*-{job}.out"))
-    return files[0].read_text(errors="replace") if files else "(no output file)"
+    path = output_file(out_dir, job)
+    return path.read_text(errors="replace") if path.exists() else "(no output file)"
 
 
 @pytest.mark.parametrize("script, ranks_line", [
@@ -85,14 +93,19 @@ def test_sbatch_script_trains_the_demo(slurm, digits, tmp_path, script, ranks_li
     assert (ck["epoch"], ck["global_step"], ck["world_size"]) == (1, 4, 2)
 
 
-def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resumes(slurm, digits, tmp_path):
+@pytest.mark.parametrize("script", ["slurm.sbatch", "slurm_srun.sbatch"])
+def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resumes(slurm, digits, tmp_path, script):
+    """The requeue must wait for the step: with a slow checkpoint write (SLOW_SAVE_S, the test-only fault
+    plugin) the batch shell says "step ended" only after the checkpoint is written, then requeues, and the
+    requeued job resumes at the saved step. A shell that requeued while the step still ran would log "step
+    ended" first (and the job's kill could cut the write short)."""
     steps = 80
-    job = sbatch("slurm.sbatch", tmp_path, *run_words(digits, tmp_path, "requeue", steps=steps))
-    out_file = tmp_path / f"fdmobilenet-{job}.out"
-    wait_for(out_file, r"epoch 1/1 step 3/", 150)
+    job = sbatch(script, tmp_path, *run_words(digits, tmp_path, "requeue", steps=steps),
+                 faults={"slow_save_s": SLOW_SAVE_S})
+    wait_for(output_file(tmp_path, job), r"epoch 1/1 step 3/", 150)
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=30)
-    state = wait_job(job, timeout=200)
-    out = out_file.read_text(errors="replace")
+    state = wait_job(job, timeout=240)
+    out = job_output(tmp_path, job)
     assert state == f"job {job} COMPLETED ExitCode=0:0", f"{state}\n{out[-4000:]}"
 
     first, sep, second = out.partition(f"job {job} (restart 1)")
@@ -101,7 +114,12 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resum
     m = re.search(r"preempted \(SIGUSR1\) at epoch 1 step (\d+), checkpoint saved", first)
     assert m, first[-4000:]
     step = int(m.group(1))
+    ckpt = tmp_path / "requeue.pth.tar"
+    slow, written = (first.find(f"fault plugin: slow checkpoint write, {SLOW_SAVE_S:g} s before writing {ckpt}"),
+                     first.find(f"fault plugin: checkpoint {ckpt} written"))
+    ended, requeued = first.find("step ended with exit code"), first.find(f"requeueing job {job}")
+    assert 0 <= slow < written < ended < requeued and m.start() < ended, first[-4000:]
     assert f"epoch 1 step {step}, global step {step}" in second                 # resumed there
     assert global_steps(second, steps) == list(range(step + 1, steps + 1))
-    ck = load_checkpoint(tmp_path / "requeue.pth.tar")
+    ck = load_checkpoint(ckpt)
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 0, steps)

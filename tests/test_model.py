@@ -1,6 +1,4 @@
 """FD-MobileNet against the authors' released 0.25x weights, and its shapes at other sizes and widths."""
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -8,18 +6,16 @@ from torch import nn
 from fdmobilenet import FDMobileNet
 from fdmobilenet.checkpoint import load_checkpoint, load_weights
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
+
+@pytest.fixture(scope="module")
+def released(released_weights):
+    return load_checkpoint(released_weights)  # weights_only=True, map_location='cpu' (its storages say cuda)
 
 
 @pytest.fixture(scope="module")
-def released():
-    return load_checkpoint(RELEASED)  # weights_only=True, map_location='cpu' (its storages say cuda)
-
-
-@pytest.fixture(scope="module")
-def released_model(released):
+def released_model(released, released_weights):
     model = FDMobileNet(0.25)
-    load_weights(model, released, str(RELEASED))
+    load_weights(model, released, str(released_weights))
     return model.eval()
 
 

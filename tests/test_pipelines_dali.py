@@ -330,9 +330,9 @@ def test_webdataset_without_shards_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU for DALI's mixed (nvJPEG) decode; the same graph runs on the CPU above")
+@pytest.mark.gpu
 def test_gpu_placement_matches_the_cpu_graph(photo_root, truncated_root):
+    """DALI's mixed (nvJPEG) decode and GPU ops: the same graph as on the CPU above, placed on the GPU."""
     gpu = torch.device("cuda", 0)
     data = small(photo_root, 3, train_crop="random", color_jitter=(0.4, 0.4, 0.4, 0.1))
     for images, labels in build_loader(data, "train", 4, device=gpu):

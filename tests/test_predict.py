@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -10,7 +9,6 @@ from skimage import data
 
 from fdmobilenet.predict import imagenet_classes, main
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
 CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
 
 
@@ -22,8 +20,8 @@ def photos(tmp_path_factory):
     return d
 
 
-def test_json_output_released_weights_see_a_cat(photos):
-    done = subprocess.run([sys.executable, "-m", "fdmobilenet.predict", "--checkpoint", str(RELEASED),
+def test_json_output_released_weights_see_a_cat(released_weights, photos):
+    done = subprocess.run([sys.executable, "-m", "fdmobilenet.predict", "--checkpoint", str(released_weights),
                            "--model", "0.25x-FDMobileNet-224", "--json",
                            str(photos / "chelsea.jpg"), str(photos / "coffee.jpg")],
                           capture_output=True, text=True, timeout=120)
@@ -42,24 +40,25 @@ def test_json_output_released_weights_see_a_cat(photos):
     assert results[1]["top5"][0]["name"] in {"espresso", "cup", "coffee mug"}
 
 
-def test_text_output_and_sample_cat(capsys):
-    assert main(["--checkpoint", str(RELEASED), "--model", "0.25", "--sample-cat"]) == 0
+def test_text_output_and_sample_cat(released_weights, capsys):
+    assert main(["--checkpoint", str(released_weights), "--model", "0.25", "--sample-cat"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "skimage.data.chelsea()" and len(lines) == 6
     index, prob, name = lines[1].split(maxsplit=2)
     assert int(index) in CATS and 0.2 < float(prob) <= 1 and name == imagenet_classes()[int(index)]
 
 
-def test_unreadable_image_is_named(tmp_path, photos, capsys):
+def test_unreadable_image_is_named(released_weights, tmp_path, photos, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
-    assert main(["--checkpoint", str(RELEASED), "--model", "0.25", str(photos / "chelsea.jpg"), str(bad)]) == 1
+    assert main(["--checkpoint", str(released_weights), "--model", "0.25", str(photos / "chelsea.jpg"), str(bad)]) == 1
     assert f"cannot read image {bad}" in capsys.readouterr().err
-    assert main(["--checkpoint", str(RELEASED), "--model", "0.25", str(tmp_path / "missing.jpg")]) == 1
+    assert main(["--checkpoint", str(released_weights), "--model", "0.25", str(tmp_path / "missing.jpg")]) == 1
     assert f"cannot read image {tmp_path / 'missing.jpg'}" in capsys.readouterr().err
 
 
-def test_wrong_width_names_the_checkpoint(photos, capsys):
-    assert main(["--checkpoint", str(RELEASED), "--model", "1x-FDMobileNet-224", str(photos / "chelsea.jpg")]) == 1
+def test_wrong_width_names_the_checkpoint(released_weights, photos, capsys):
+    assert main(["--checkpoint", str(released_weights), "--model", "1x-FDMobileNet-224",
+                 str(photos / "chelsea.jpg")]) == 1
     err = capsys.readouterr().err
-    assert f"checkpoint {RELEASED} does not fit the model" in err and "width_mult" in err
+    assert f"checkpoint {released_weights} does not fit the model" in err and "width_mult" in err

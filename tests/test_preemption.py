@@ -17,10 +17,11 @@ import time
 import pytest
 
 from fdmobilenet.checkpoint import load_checkpoint
-from launch_support import LAUNCH, build_digits, children, global_steps, kill_group, run, run_words, start, \
-    tail, wait_for
+from launch_support import LAUNCH, assert_same_state, build_digits, children, global_steps, kill_group, run, \
+    run_words, start, tail, wait_for, worker_ranks
 
 STEPS = 80   # a long enough epoch that the signal lands mid-epoch (the ranks poll the flag every 10 steps)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +29,12 @@ def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
 
 
-def signal_mid_epoch(digits, tmp_path, label: str, send) -> tuple[int, float, str]:
+def signal_mid_epoch(digits, tmp_path, label: str, send, *extra: str) -> tuple[int, float, str]:
     """Start a 2-rank run, wait until it trains, call ``send(proc)``; returns (exit code, seconds from the
     signal to the end of the job, log)."""
     log = tmp_path / f"{label}.log"
-    p = start([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, label, steps=STEPS)], log, NPROC_PER_NODE="2")
+    p = start([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, label, *extra, steps=STEPS)], log,
+              NPROC_PER_NODE="2")
     try:
         wait_for(log, r"epoch 1/1 step 3/", 120, p)
         sent = time.monotonic()
@@ -85,3 +87,33 @@ def test_sigusr1_to_the_workers_only_stops_them_with_exit_0(digits, tmp_path):
     rc, seconds, text = signal_mid_epoch(digits, tmp_path, "usr1", to_workers)
     assert_preempted_checkpoint(text, tmp_path, "usr1", "SIGUSR1")
     assert rc == 0 and seconds < 60, tail(tmp_path / "usr1.log")
+
+
+def test_sigusr1_to_one_worker_stops_both_at_one_step_and_the_resumed_run_ends_as_an_uninterrupted_one(
+        digits, tmp_path):
+    """Only rank 1 gets SIGUSR1 (a user's kill, a scheduler that signals one process): rank 0 learns of it
+    through the agreement all-reduce, both stop at the same step and take part in its checkpoint (each
+    rank's reader state there says how far that rank got), and torchrun ends with 0. The same command then
+    finishes the epoch, to the uninterrupted run's weights, EMA and optimizer state exactly: deterministic
+    kernels and one DALI thread make both runs the same arithmetic."""
+    exact = ["train.deterministic=true", "data.num_threads=1", "optim.ema_decay=0.9"]
+
+    def to_rank_1(p):
+        ranks = worker_ranks(p.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGUSR1)
+    rc, seconds, text = signal_mid_epoch(digits, tmp_path, "one", to_rank_1, *exact)
+    assert rc == 0 and seconds < 60, tail(tmp_path / "one.log")
+    step = assert_preempted_checkpoint(text, tmp_path, "one", "signal on another rank")
+    ck = load_checkpoint(tmp_path / "one.pth.tar")
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert [state["steps_done"] for state in ck["loader"]] == [step, step]    # both ranks stopped there
+
+    words = run_words(digits, tmp_path, "one", *exact, steps=STEPS)
+    rc, text = run([str(LAUNCH / "local.sh"), *words], tmp_path / "one-resume.log", timeout=180, NPROC_PER_NODE="2")
+    assert rc == 0 and f"epoch 1 step {step}, global step {step}" in text, text[-3000:]
+    assert global_steps(text, STEPS) == list(range(step + 1, STEPS + 1))
+    rc, text = run([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, "straight", *exact, steps=STEPS)],
+                   tmp_path / "straight.log", timeout=180, NPROC_PER_NODE="2")
+    assert rc == 0, text[-3000:]
+    assert_same_state(tmp_path / "straight.pth.tar", tmp_path / "one.pth.tar")

@@ -8,7 +8,8 @@ from torch import nn
 
 from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, load_experiment
 from fdmobilenet.distributed import init_distributed
-from fdmobilenet.engine import (Trainer, accuracy, make_grad_scaler, prepare_model, resolve_amp)
+from fdmobilenet.engine import (Trainer, accuracy, correct_topk, evaluate, make_grad_scaler, prepare_model,
+                                resolve_amp)
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, lr_multiplier, scaled_lr
 
@@ -117,6 +118,38 @@ def test_amp_bf16_trains_on_cpu_with_ema():
     assert not torch.equal(ema_w, w) and torch.isfinite(ema_w).all()   # EMA tracks, lagging behind
 
 
+def test_ema_is_the_average_computed_by_hand():
+    """torch.optim.swa_utils' EMA as the trainer drives it (after every optimizer step, BN buffers included):
+    the first update copies the weights, each later one is ema = d * ema + (1 - d) * weights."""
+    decay, steps = 0.9, 5
+    t, images, labels = tiny_trainer(TrainConfig(amp="off", compile="off"), ema_decay=decay)
+    by_hand = None
+    for _ in range(steps):
+        t.step(images, labels)
+        now = {k: v.clone() for k, v in t.module.state_dict().items()}
+        by_hand = now if by_hand is None else {k: (decay * by_hand[k] + (1 - decay) * v).to(v.dtype)
+                                                for k, v in now.items()}
+    ema = t.ema.module.state_dict()
+    for key, value in by_hand.items():
+        torch.testing.assert_close(ema[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert int(t.ema.n_averaged) == steps
+    # and it is an average, not the latest weights: the classifier moved every step
+    assert not torch.allclose(ema["classifier.weight"], now["classifier.weight"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("off", torch.float32)])
+def test_amp_dtype_is_what_the_layers_compute_in(amp, dtype):
+    """Seen from inside the forward of a training step: every convolution and the classifier produce
+    bfloat16 under train.amp=bf16 (autocast really on), float32 with it off."""
+    t, images, labels = tiny_trainer(TrainConfig(amp=amp, compile="off"))
+    seen = set()
+    for m in t.module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    t.step(images, labels)
+    assert seen == {dtype}
+
+
 def test_float16_batches_train_without_amp():
     """data.dtype auto hands float16 to a GPU model; with train.amp=off the step must still run (in fp32)."""
     t, images, labels = tiny_trainer(TrainConfig(amp="off", compile="off"))
@@ -124,6 +157,7 @@ def test_float16_batches_train_without_amp():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_compile_matches_eager():
     """Same init, same batch: one compiled and one eager training step give the same loss and gradients to
     float tolerance (later steps drift apart chaotically: BN over 8 samples at a 1x1 map amplifies rounding).
@@ -145,6 +179,18 @@ def test_accuracy_topk():
     output = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.8, 0.1, 0.05, 0.03, 0.01, 0.0]])
     top1, top5 = accuracy(output, torch.tensor([1, 5]))
     assert top1 == 50.0 and top5 == 50.0
+
+
+def test_topk_counts_each_k_separately():
+    """Four samples whose label is ranked 1st, 3rd, 5th and 6th among 10 logits: top-1 25 %, top-2 25 %,
+    top-5 75 %, top-10 100 %; the same through evaluate(), which the logs' val_top5 comes from."""
+    ranked = torch.arange(10.0, 0.0, -1.0)              # class 0 scores highest, class 9 lowest
+    output = torch.stack([ranked.roll(shift) for shift in range(4)])
+    labels = torch.tensor([0, 3, 6, 8])                 # ranked 1st, 3rd, 5th, 6th in their rows
+    assert correct_topk(output, labels, (1, 2, 5, 10)).tolist() == [1, 1, 3, 4]
+    assert accuracy(output, labels) == [25.0, 75.0]
+    m = evaluate(nn.Identity(), [(output[:3], labels[:3]), (output[3:], labels[3:])], init_distributed("cpu"))
+    assert (m["val_top1"], m["val_top5"], m["val_images"]) == (25.0, 75.0, 4)
 
 
 def test_run_logger_files_and_resume_truncation(tmp_path):
