@@ -19,10 +19,10 @@ The mechanism is torch.distributed.elastic.timer's file-based timer, served per 
 
 Why not torchrun's own server (TORCHELASTIC_ENABLE_FILE_TIMER=1, TORCHELASTIC_TIMER_FILE): after reaping an
 expired worker it SIGKILLs the process it runs in - the torchrun agent itself (FileTimerServer._run_watchdog,
-"Terminating the server process") - so ``--max-restarts`` can never restart the group (tried with torch
-2.14.1: torchrun exits 137, no restart); and launch/slurm_srun.sbatch runs the ranks without any agent. The
-per-rank server covers both: torchrun restarts or fails the group, ``srun --kill-on-bad-exit=1`` ends the
-step. Why not only a shorter process-group timeout: it times out the ranks that wait for the hung one, not
+"Terminating the server process") - so ``--max-restarts`` can never restart the group (torch 2.14.1: torchrun
+is SIGKILLed, no restart; tests/test_watchdog.py); and launch/slurm_srun.sbatch runs the ranks without any
+agent. The per-rank server covers both: torchrun restarts or fails the group, ``srun --kill-on-bad-exit=1``
+ends the step. Why not only a shorter process-group timeout: it times out the ranks that wait for the hung one, not
 the hung one itself (stopped, in the loader, in a kernel), which then ignores the launcher's SIGTERM until
 its SIGKILL (torchrun: 30 s later on a restart); and it would have to cover the first step's compilation
 too, on every collective.

@@ -214,7 +214,7 @@ def test_hung_worker_on_node2_is_killed_within_the_step_timeout(slurm, digits, t
             kill_and_continue([victim])
     out = out_file.read_text(errors="replace")
     print(f"{script}: worker (rank {m.group(1)}, pid {victim}) on node2 stopped -> killed by its watchdog "
-          f"{reaction:.1f} s later (train.step_timeout_s={STEP_TIMEOUT}); job {state} {ended:.1f} s after the stop")
+          f"{reaction:.1f} s later (train.step_timeout_s={STEP_TIMEOUT}); {state}, {ended:.1f} s after the stop")
     assert reaction <= STEP_TIMEOUT + MARGIN
     if script == "slurm_srun.sbatch":
         assert state.startswith(f"job {job} FAILED"), f"{state}\n{out[-4000:]}"

@@ -5,7 +5,8 @@ process forked by each rank, FileTimerClient timers around each training-loop it
     stops the timing, a stalled step is SIGKILLed within train.step_timeout_s, nothing is left behind;
   * on one node under torchrun (launch/local.sh): kill -STOP of one worker -> its watchdog kills it within
     train.step_timeout_s -> torchrun (MAX_RESTARTS) restarts both workers -> they resume from the last step
-    checkpoint and finish.
+    checkpoint and finish;
+  * why not torchrun's own file-timer server: it kills the agent, so torchrun cannot restart.
 
 The same on two real SLURM nodes (torchrun restart, and srun without an agent): test_launch_slurm_2node.py.
 """
@@ -45,6 +46,17 @@ for step in watchdog.timed_steps(range(2)):
 """
 
 
+AGENT_TIMER_WORKER = """
+import os, time
+import torch.distributed.elastic.timer as timer
+
+print("worker started, restart", os.environ["TORCHELASTIC_RESTART_COUNT"], flush=True)
+timer.configure(timer.FileTimerClient(os.environ["TORCHELASTIC_TIMER_FILE"]))
+with timer.expires(after=2):
+    time.sleep(60)
+"""
+
+
 def left_running(marker: str, grace: float = 5) -> list[int]:
     """pids whose command line contains ``marker`` once ``grace`` s have passed (a watchdog process notices
     within 0.5 s that its rank has gone)."""
@@ -80,6 +92,22 @@ def test_first_step_allowance_untimed_gaps_and_a_stalled_step_killed_within_the_
     assert 2 <= ended - stalled <= 2 + MARGIN
     # the watchdog process ended with the rank and removed its FIFO
     assert not left_running(str(script)) and not list(tmp.glob("fdm-watchdog-*"))
+
+
+def test_torchruns_own_file_timer_kills_the_agent_so_it_cannot_restart(tmp_path):
+    """Why the watchdog serves its timers per rank: torchrun's server (TORCHELASTIC_ENABLE_FILE_TIMER=1) runs
+    inside the agent and, after reaping the expired worker, SIGKILLs its own process - the agent - so
+    --max-restarts never restarts. Should a torch release change that, this test fails and the agent's server
+    becomes an option."""
+    script = tmp_path / "worker.py"
+    script.write_text(AGENT_TIMER_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                        "--max-restarts=1", str(script)], cwd=tmp_path,
+                       env=env(TORCHELASTIC_ENABLE_FILE_TIMER="1", TMPDIR=str(tmp_path)),
+                       capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == -signal.SIGKILL, f"torchrun exit {p.returncode}:\n{out[-3000:]}"
+    assert "worker started, restart 0" in out and "restart 1" not in out, out[-3000:]
 
 
 @pytest.fixture(scope="module")
