@@ -16,6 +16,8 @@ The mechanism is torch.distributed.elastic.timer's file-based timer, served per 
     their own timers (NCCL may keep waiting), so every rank ends.
   * The first step of a process (torch.compile, cuDNN autotuning, the loader's warm-up) gets
     ``train.first_step_timeout_s`` instead.
+  * The FIFO lives in its own ``$TMPDIR/fdm-watchdog-*`` directory, removed when the rank ends or is killed
+    by its watchdog; a watchdog process that is itself SIGKILLed (a lost node) leaves it behind, empty.
 
 Why not torchrun's own server (TORCHELASTIC_ENABLE_FILE_TIMER=1, TORCHELASTIC_TIMER_FILE): after reaping an
 expired worker it SIGKILLs the process it runs in - the torchrun agent itself (FileTimerServer._run_watchdog,

@@ -161,7 +161,8 @@ def test_usr1_on_two_nodes_checkpoints_every_rank_requeues_and_resumes(slurm, di
 def test_node2_lost_mid_epoch_ends_the_job_in_bounded_time_and_the_checkpoint_survives(slurm, digits, tmp_path):
     # a step checkpoint every 20 steps: the kill at step >= 23 lands far from the next write
     words = run_words(digits, tmp_path, "lost", "train.save_every_steps=20", steps=400)
-    job = slurm.sbatch("slurm.sbatch", tmp_path, *words, options=("-N2",))
+    # TMPDIR: the watchdog processes killed with node2 cannot remove their FIFOs (fdm-watchdog-*); keep them here
+    job = slurm.sbatch("slurm.sbatch", tmp_path, *words, options=("-N2",), TMPDIR=str(tmp_path))
     out_file = tmp_path / f"fdmobilenet-{job}.out"
     wait_for(out_file, r"epoch 1/1 step 23/", 150)
     before = sha256(tmp_path / "lost.pth.tar")
