@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import pipelines
+from fdmobilenet import watchdog
 from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, strip_prefixes
 from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, load_experiment, to_dict
 from fdmobilenet.distributed import (DistInfo, any_rank, gather_to_main, init_distributed, run_rank,
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args)
     except ConfigError as e:
         sys.exit(f"train_ddp.py: {e}")
+    watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
     info = init_distributed(cfg.train.device)
     run_rank(lambda: run(args, cfg, info), info, "training")   # an error on any rank ends the job at once
 

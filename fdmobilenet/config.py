@@ -147,6 +147,11 @@ class TrainConfig:
     val_steps: int = 0                     # 0 = the whole val split; >0 scores only the first N batches per rank
     eval_every: int = 1                    # epochs between validations (0 = only at the end)
     plot: bool = True                      # PNG of loss / top-1 / lr at the end
+    # hung ranks (fdmobilenet/watchdog.py): a rank whose loop iteration (batch, step, logging, step checkpoint)
+    # takes longer is killed and the job ends or restarts (0 = off); the first step of a process
+    # (torch.compile, warm-up) gets its own allowance (0 = not timed)
+    step_timeout_s: float = 300.0
+    first_step_timeout_s: float = 1800.0
 
 
 @dataclass

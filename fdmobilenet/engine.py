@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdmobilenet import watchdog
 from fdmobilenet.config import TrainConfig
 from fdmobilenet.distributed import DistInfo, all_reduce_sum
 
@@ -216,7 +217,7 @@ def train_one_epoch(t: Trainer, batches, epoch: int, steps: int, start_step: int
 
     sync(device)
     window_start = time.perf_counter()
-    for step in range(start_step, steps):
+    for step in watchdog.timed_steps(range(start_step, steps)):   # a rank that stops progressing is killed
         fetch_start = time.perf_counter()
         images, labels = next(batches)
         wait += time.perf_counter() - fetch_start

@@ -54,6 +54,62 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # Python output reaches the log as it happens (the tests and `tail -f` wait on log lines).
 export PYTHONUNBUFFERED=1
 
+# Names and interfaces, checked on each node before its part of a multi-node job starts (slurm_task.sh,
+# multinode.sh): what would otherwise surface as a resolver traceback in torchrun, a c10d retry loop, or
+# gloo listening on 127.0.1.1 and every other node hanging in connectFullMesh. One line on stderr names the
+# node, the name or interface, and what to set; returns 1.
+#   $1  the rendezvous / master host          $2  the number of nodes (a torchrun MIN:MAX range is fine)
+# GLOO_SOCKET_IFNAME (comma-separated interface names, all must exist) and NCCL_SOCKET_IFNAME (NCCL's
+# syntax: prefixes, =exact, ^excluded; one must match) are passed through to the workers unchanged; they
+# are only checked here.
+check_node_network() {
+  local host=$1 nnodes=${2:-1} node=${SLURMD_NODENAME:-$(hostname)} have name addrs
+  # /proc/net/dev: this network namespace's interfaces (/sys/class/net shows those of whoever mounted /sys)
+  have=$(awk -F: 'NR > 2 { gsub(/ /, "", $1); print $1 }' /proc/net/dev | sort | paste -sd' ')
+  if ! getent ahosts "$host" >/dev/null; then
+    echo "$node: cannot resolve '$host', the rendezvous host of this job: add it to DNS or /etc/hosts on" \
+         "every node, or give its address instead (RDZV_HOST for slurm.sbatch, MASTER_ADDR for" \
+         "slurm_srun.sbatch, --endpoint for multinode.sh)" >&2
+    return 1
+  fi
+  local gloo=${GLOO_SOCKET_IFNAME:-}
+  for name in ${gloo//,/ }; do
+    if [[ " $have " != *" $name "* ]]; then
+      echo "$node: GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME names '$name', which this node does not have" \
+           "(it has: $have); set it to interfaces that every node has" >&2
+      return 1
+    fi
+  done
+  if [[ -n ${NCCL_SOCKET_IFNAME:-} ]] && ! nccl_ifname_matches "$NCCL_SOCKET_IFNAME" $have; then
+    echo "$node: NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME matches none of this node's interfaces ($have)" >&2
+    return 1
+  fi
+  # gloo without GLOO_SOCKET_IFNAME listens on the address its own host name resolves to
+  if [[ -z ${GLOO_SOCKET_IFNAME:-} && $nnodes != 1 && $nnodes != 1:1 && ! $host =~ ^(localhost|127\.|::1$) ]]; then
+    name=$(hostname)
+    addrs=$(getent ahosts "$name" | awk '{print $1}' | sort -u | paste -sd' ')
+    if ! tr ' ' '\n' <<<"$addrs" | grep -qvE '^(127\.|::1$|$)'; then
+      local what="to nothing"; [[ -n $addrs ]] && what="only to loopback ($addrs)"
+      echo "$node: its own name '$name' resolves $what: gloo would listen where the other nodes cannot" \
+           "connect; fix /etc/hosts or DNS, or set GLOO_SOCKET_IFNAME to this node's network interface" \
+           "(it has: $have)" >&2
+      return 1
+    fi
+  fi
+}
+nccl_ifname_matches() {   # $1 = NCCL_SOCKET_IFNAME, then the interfaces; true if NCCL would find one
+  local spec=$1 item iface exact=; shift
+  [[ $spec == ^* ]] && return 0      # an exclusion list selects whatever is left: nothing to check
+  [[ $spec == =* ]] && exact=1 spec=${spec#=}   # exact names instead of prefixes
+  for item in ${spec//,/ }; do
+    for iface; do
+      if [[ -n $exact ]]; then [[ $iface == "$item" ]] && return 0
+      elif [[ $iface == "$item"* ]]; then return 0; fi
+    done
+  done
+  return 1
+}
+
 # SLURM: run "$@" (an srun command line) in the background and wait for it, so that the batch shell can act on
 # signals (bash runs a trap only between commands). SIGUSR1 — what `#SBATCH --signal=B:USR1@120` sends
 # 120 s before the time limit — is forwarded to the step (srun passes it to every task: torchrun forwards it to

@@ -12,7 +12,9 @@
 # Elasticity: MAX_RESTARTS (default 3) restarts all workers of all nodes after a worker crash; the trainer
 # resumes from checkpoints/{label}.pth.tar. --nnodes may be a range MIN:MAX (torchrun's elastic form).
 # Exit code: 0 done; 1 from torchrun when a worker failed or when torchrun was signalled (the workers then
-# checkpoint first and log "preempted"; run the same command again to resume).
+# checkpoint first and log "preempted"; run the same command again to resume); 2 for a usage error, or when
+# this node cannot resolve the endpoint's host or lacks an interface named in GLOO_SOCKET_IFNAME /
+# NCCL_SOCKET_IFNAME (launch/common.sh check_node_network: one line naming the node and what to set).
 set -euo pipefail
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -40,6 +42,7 @@ if (( ${#missing[@]} )); then
   echo "usage: launch/multinode.sh --nnodes N --endpoint HOST:PORT --job-id ID [--] --config CONFIG.yaml [overrides]" >&2
   exit 2
 fi
+check_node_network "${RDZV_ENDPOINT%:*}" "$NNODES" || exit 2   # names and interfaces, before torchrun
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(omp_threads_for "$NPROC_PER_NODE")}
 exec "${TORCHRUN[@]}" "--nnodes=$NNODES" "--nproc-per-node=$NPROC_PER_NODE" \

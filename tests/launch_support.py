@@ -88,6 +88,17 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait()
 
 
+def kill_and_continue(pids) -> None:
+    """Clean-up after kill -STOP (and for processes that may be stopped): SIGKILL, and SIGCONT so that
+    nothing stays stopped."""
+    for pid in pids:
+        for sig in (signal.SIGKILL, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 def tail(log: Path, n: int = 4000) -> str:
     return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
 
@@ -155,3 +166,20 @@ def assert_same_state(a: Path, b: Path) -> None:
     # the lr the next step would use (optimizer) and the schedule's position (scheduler: last_epoch, _last_lr)
     assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
     assert ca["scheduler"] == cb["scheduler"] and ca["scheduler"]["last_epoch"] == ca["global_step"]
+
+
+def assert_same_training(a: Path, b: Path, steps: int) -> None:
+    """Two checkpoints of the same run on different layouts of the same ranks (see test_launch_multinode.py
+    for why they must agree): the same weights and SGD momentum buffers up to the order of the floating-point
+    additions inside the all-reduce, after ``steps`` steps that really trained."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["global_step"] == cb["global_step"] == steps
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    for key, value in cb["state_dict"].items():
+        torch.testing.assert_close(ca["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # the steps really trained: the momentum buffers (the running sum of the averaged gradients) are non-zero
+    # and the same in both runs
+    for key, state in cb["optimizer"]["state"].items():
+        assert state["momentum_buffer"].abs().sum() > 0
+        torch.testing.assert_close(ca["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=1e-4, atol=1e-6)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-import torch
 
-from fdmobilenet.checkpoint import load_checkpoint
-from launch_support import LAUNCH, build_digits, kill_group, run, run_words, start, tail
+from launch_support import LAUNCH, assert_same_training, build_digits, kill_group, run, run_words, start, tail
 
 STEPS = 6
 pytestmark = pytest.mark.slow
@@ -55,14 +53,4 @@ def test_two_nodes_of_two_equal_one_node_of_four(digits, tmp_path):
                    tmp_path / "one-node.log", timeout=180, NPROC_PER_NODE="4")
     assert rc == 0 and "4 rank(s) on cpu, batch 4/rank = 16 global" in text, text[-3000:]
 
-    two, one = load_checkpoint(tmp_path / "two-nodes.pth.tar"), load_checkpoint(tmp_path / "one-node.pth.tar")
-    assert two["global_step"] == one["global_step"] == STEPS
-    assert one["state_dict"].keys() == two["state_dict"].keys()
-    for key, value in one["state_dict"].items():
-        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    # the steps really trained: SGD momentum buffers (the running sum of the averaged gradients) are non-zero
-    # and the same in both runs
-    for key, state in one["optimizer"]["state"].items():
-        assert state["momentum_buffer"].abs().sum() > 0
-        torch.testing.assert_close(two["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"],
-                                   rtol=1e-4, atol=1e-6)
+    assert_same_training(tmp_path / "two-nodes.pth.tar", tmp_path / "one-node.pth.tar", STEPS)

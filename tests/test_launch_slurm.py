@@ -8,19 +8,15 @@ slurmctld + slurmd + munge, installed by apt-get when missing, ~10-20 s), traini
     job runs again and resumes from the checkpoint.
 
 Needs root (apt-get, the daemons). In CI (CI=true) a cluster that cannot start FAILS the tests; elsewhere
-they are skipped with the reason.
+they are skipped with the reason. The same scripts on two real nodes: test_launch_slurm_2node.py.
 """
 from __future__ import annotations
-
-import os
-import re
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from fdmobilenet.checkpoint import load_checkpoint
-from launch_support import LAUNCH, REPO, build_digits, env, global_steps, run_words, wait_for
+from launch_support import LAUNCH, build_digits, global_steps, run_words
+from slurm_support import job_output, running_cluster, usr1_requeue_resume
 
 CLUSTER = LAUNCH / "slurm_localhost"
 SLOW_SAVE_S = 5   # each checkpoint write takes this much longer: far more than the batch shell needs to react
@@ -30,21 +26,7 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="module")
 def slurm():
     """A running one-node cluster for this module's tests; stopped (jobs cancelled, daemons down) after."""
-    why = None
-    if os.geteuid() != 0:
-        why = "starting a SLURM cluster needs root (apt-get install, slurmctld/slurmd/munged)"
-    else:
-        p = subprocess.run(["bash", str(CLUSTER / "slurm-start.sh")], capture_output=True, text=True, timeout=300)
-        if p.returncode != 0:
-            why = f"launch/slurm_localhost/slurm-start.sh failed (exit {p.returncode}):\n{p.stdout}\n{p.stderr}"
-        else:
-            print(p.stdout.strip())
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must test the SLURM launch scripts, but the cluster did not start: {why}")
-        pytest.skip(why)
-    yield
-    subprocess.run(["bash", str(CLUSTER / "slurm-stop.sh")], capture_output=True, timeout=120)
+    yield from running_cluster(CLUSTER / "slurm-start.sh", CLUSTER / "slurm-stop.sh")
 
 
 @pytest.fixture(scope="module")
@@ -52,41 +34,16 @@ def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
 
 
-def sbatch(script: str, out_dir, *words: str, faults: dict | None = None) -> int:
-    """Submit from the repository root (the scripts find it through SLURM_SUBMIT_DIR); 5-minute limit. The
-    job gets the submitting environment (sbatch's default --export=ALL), ``faults`` included."""
-    p = subprocess.run(["sbatch", "--parsable", "-t", "5", "-o", f"{out_dir}/job-%j.out", str(LAUNCH / script),
-                        *words], cwd=REPO, env=env(faults), capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode == 0, f"sbatch failed: {p.stderr}"
-    return int(p.stdout.strip().split(";")[0])
-
-
-def wait_job(job: int, timeout: int = 150) -> str:
-    p = subprocess.run(["bash", str(CLUSTER / "wait_job.sh"), str(job), str(timeout)], capture_output=True,
-                       text=True, timeout=timeout + 60)
-    return p.stdout.strip() + (f" (exit {p.returncode})" if p.returncode else "")
-
-
-def output_file(out_dir, job: int) -> Path:
-    return out_dir / f"job-{job}.out"
-
-
-def job_output(out_dir, job: int) -> str:
-    path = output_file(out_dir, job)
-    return path.read_text(errors="replace") if path.exists() else "(no output file)"
-
-
-@pytest.mark.parametrize("script, ranks_line", [
-    ("slurm.sbatch", "1 node(s) x 2 worker(s), rendezvous localhost:"),
-    ("slurm_srun.sbatch", "2 task(s) on 1 node(s), master localhost:"),
+@pytest.mark.parametrize("script, ranks_lines", [
+    ("slurm.sbatch", ("1 node(s), rendezvous localhost:", "localhost: torchrun with 2 worker(s)")),
+    ("slurm_srun.sbatch", ("2 task(s) on 1 node(s), master localhost:",)),
 ])
-def test_sbatch_script_trains_the_demo(slurm, digits, tmp_path, script, ranks_line):
-    job = sbatch(script, tmp_path, *run_words(digits, tmp_path, "slurm", steps=4))
-    state = wait_job(job)
+def test_sbatch_script_trains_the_demo(slurm, digits, tmp_path, script, ranks_lines):
+    job = slurm.sbatch(script, tmp_path, *run_words(digits, tmp_path, "slurm", steps=4))
+    state = slurm.wait(job)
     out = job_output(tmp_path, job)
     assert state == f"job {job} COMPLETED ExitCode=0:0", f"{state}\n{out[-4000:]}"
-    assert ranks_line in out
+    assert all(line in out for line in ranks_lines), out[-4000:]
     assert "2 rank(s) on cpu, batch 8/rank = 16 global" in out and "done: best val top-1" in out
     assert global_steps(out, 4) == [1, 2, 3, 4]
     ck = load_checkpoint(tmp_path / "slurm.pth.tar")
@@ -95,31 +52,7 @@ def test_sbatch_script_trains_the_demo(slurm, digits, tmp_path, script, ranks_li
 
 @pytest.mark.parametrize("script", ["slurm.sbatch", "slurm_srun.sbatch"])
 def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resumes(slurm, digits, tmp_path, script):
-    """The requeue must wait for the step: with a slow checkpoint write (SLOW_SAVE_S, the test-only fault
-    plugin) the batch shell says "step ended" only after the checkpoint is written, then requeues, and the
-    requeued job resumes at the saved step. A shell that requeued while the step still ran would log "step
-    ended" first (and the job's kill could cut the write short)."""
-    steps = 80
-    job = sbatch(script, tmp_path, *run_words(digits, tmp_path, "requeue", steps=steps),
-                 faults={"slow_save_s": SLOW_SAVE_S})
-    wait_for(output_file(tmp_path, job), r"epoch 1/1 step 3/", 150)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, timeout=30)
-    state = wait_job(job, timeout=240)
-    out = job_output(tmp_path, job)
-    assert state == f"job {job} COMPLETED ExitCode=0:0", f"{state}\n{out[-4000:]}"
-
-    first, sep, second = out.partition(f"job {job} (restart 1)")
-    assert sep, f"the job did not run a second time:\n{out[-4000:]}"
-    assert "batch shell: SIGUSR1 -> step" in first and f"requeueing job {job}" in first
-    m = re.search(r"preempted \(SIGUSR1\) at epoch 1 step (\d+), checkpoint saved", first)
-    assert m, first[-4000:]
-    step = int(m.group(1))
-    ckpt = tmp_path / "requeue.pth.tar"
-    slow, written = (first.find(f"fault plugin: slow checkpoint write, {SLOW_SAVE_S:g} s before writing {ckpt}"),
-                     first.find(f"fault plugin: checkpoint {ckpt} written"))
-    ended, requeued = first.find("step ended with exit code"), first.find(f"requeueing job {job}")
-    assert 0 <= slow < written < ended < requeued and m.start() < ended, first[-4000:]
-    assert f"epoch 1 step {step}, global step {step}" in second                 # resumed there
-    assert global_steps(second, steps) == list(range(step + 1, steps + 1))
-    ck = load_checkpoint(ckpt)
-    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 0, steps)
+    """The requeue waits for the step: with a slow checkpoint write (SLOW_SAVE_S, the test-only fault plugin)
+    "step ended" is logged after the checkpoint is written and before "requeueing", and the requeued job
+    resumes at the saved step (see slurm_support.usr1_requeue_resume)."""
+    usr1_requeue_resume(slurm, digits, tmp_path, script, slow_save_s=SLOW_SAVE_S)
