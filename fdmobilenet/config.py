@@ -135,6 +135,7 @@ class TrainConfig:
     auto_resume: bool = True               # continue from checkpoints/{label}.pth.tar when it exists
     deterministic: bool = False
     steps_per_epoch: int = 0               # 0 = the whole train set; >0 caps an epoch (smoke runs, benchmarks)
+    val_steps: int = 0                     # 0 = the whole val split; >0 scores only the first N batches per rank
     eval_every: int = 1                    # epochs between validations (0 = only at the end)
     plot: bool = True                      # PNG of loss / top-1 / lr at the end
 
@@ -235,20 +236,24 @@ def build(cls: type, mapping: Any, source: str, section: str) -> Any:
             raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}; "
                               f"valid keys for {section}: {', '.join(known)}")
         where = f"{source}: key '{section}.{key}'"
-        values[key] = _coerce(value, hints[key], where)
         allowed = CHOICES.get((section, key))
-        if allowed and values[key] not in allowed:
+        if allowed and value not in allowed:   # before the type check: `compile=false` is a choice missed
             raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+        values[key] = _coerce(value, hints[key], where)
     return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------------- loading
-def read_yaml(path: str | os.PathLike) -> Any:
-    """Read a YAML/JSON file; a missing or malformed file is a ConfigError naming it."""
+def read_yaml(path: str | os.PathLike, family: str | None = None) -> Any:
+    """Read a YAML/JSON file; a missing or malformed file is a ConfigError naming it (and, for a ``family``
+    reference, the nearest names shipped in configs/{family}/)."""
     p = Path(path)
     if not p.is_file():
+        shipped = sorted(f.stem for f in (CONFIG_DIR / family).glob("*.yaml")) if family else []
+        close = difflib.get_close_matches(p.name, shipped, n=3, cutoff=0.6)
         raise ConfigError(f"config file not found: {p} (give a path to a .yaml/.json file, or a name "
-                          f"from {CONFIG_DIR})")
+                          f"from {CONFIG_DIR / family if family else CONFIG_DIR})"
+                          + (f"; nearest names: {', '.join(close)}" if close else ""))
     try:
         with open(p) as f:
             return _parse_yaml(f)
@@ -276,7 +281,7 @@ def load_family(family: str, ref: str | dict, base: Path | None = None, source: 
     if isinstance(ref, dict):
         return build(cls, ref, f"{source or 'inline'} (inline '{family}' section)", family)
     path = resolve_path(ref, family, base)
-    return build(cls, read_yaml(path), str(path), family)
+    return build(cls, read_yaml(path, family), str(path), family)
 
 
 def load_model_ref(ref: str) -> ModelConfig:
@@ -299,11 +304,13 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
     exp = ExperimentConfig()
     if path is not None:
         p = resolve_path(path, "experiments")
-        raw = read_yaml(p)
+        raw = read_yaml(p, "experiments")
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: an experiment file must be a mapping with sections "
                               f"{', '.join(FAMILIES)}")
         for section, ref in raw.items():
+            if section == "run":   # what the trainer records in {label}.config.yaml: that file works as --config
+                continue
             if section not in FAMILIES:
                 close = difflib.get_close_matches(str(section), list(FAMILIES), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

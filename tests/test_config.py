@@ -158,3 +158,26 @@ def test_model_ref_is_a_width_or_a_config():
         load_model_ref("-1")
     with pytest.raises(ConfigError, match="config file not found: 0.3x"):
         load_model_ref("0.3x")
+
+
+def test_a_mistyped_family_name_lists_the_nearest_names():
+    with pytest.raises(ConfigError) as e:
+        load_experiment(data="imagenet-agressive")
+    assert str(e.value).startswith("config file not found: imagenet-agressive (")
+    assert "; nearest names: imagenet-aggressive, " in str(e.value)   # the nearest first
+
+
+def test_an_invalid_choice_lists_the_valid_ones_whatever_its_type():
+    # YAML reads `false` as a boolean: the message is about the choice, not about the type
+    with pytest.raises(ConfigError, match=r"key 'train.compile': expected one of auto, on, off, got False$"):
+        load_experiment(overrides=["train.compile=false"])
+
+
+def test_a_runs_own_config_file_is_an_experiment(tmp_path):
+    """{label}.config.yaml (RunLogger.write_config: the resolved config plus a `run` section of metadata)
+    loads back as the same experiment."""
+    from fdmobilenet.logs import RunLogger
+    exp = load_experiment("demo", overrides=["optim.lr=0.3", "data.scale=[0.5, 1.0]"])
+    path = RunLogger(str(tmp_path), "r", enabled=True).write_config(to_dict(exp), {"git_commit": "abc"})
+    assert "git_commit: abc" in path.read_text()
+    assert load_experiment(str(path)) == exp
