@@ -11,8 +11,9 @@
 #
 # Elasticity: MAX_RESTARTS (default 3) restarts all workers of all nodes after a worker crash; the trainer
 # resumes from checkpoints/{label}.pth.tar. --nnodes may be a range MIN:MAX (torchrun's elastic form).
-# Exit code: 0 done; 1 from torchrun when a worker failed or when torchrun was signalled (the workers then
-# checkpoint first and log "preempted"; run the same command again to resume).
+# Exit code: 0 done; 2 the pre-flight found a mistake (one line; no worker started on this node); 1 from
+# torchrun when a worker failed or when torchrun was signalled (the workers then checkpoint first and log
+# "preempted"; run the same command again to resume).
 set -euo pipefail
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -42,5 +43,9 @@ if (( ${#missing[@]} )); then
 fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(omp_threads_for "$NPROC_PER_NODE")}
+# every world size the job may run at: NNODES, or each node count of an elastic MIN:MAX range
+worlds=()
+for (( n = ${NNODES%%:*}; n <= ${NNODES##*:}; n++ )); do worlds+=("$(( n * NPROC_PER_NODE ))"); done
+preflight "$(IFS=,; echo "${worlds[*]}")" "$@" || exit $?
 exec "${TORCHRUN[@]}" "--nnodes=$NNODES" "--nproc-per-node=$NPROC_PER_NODE" \
   --rdzv-backend=c10d "--rdzv-endpoint=$RDZV_ENDPOINT" "--rdzv-id=$JOB_ID" "$TRAIN" "$@"

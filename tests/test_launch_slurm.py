@@ -105,3 +105,16 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resum
     assert global_steps(second, steps) == list(range(step + 1, steps + 1))
     ck = load_checkpoint(tmp_path / "requeue.pth.tar")
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 0, steps)
+
+
+@pytest.mark.parametrize("script", ["slurm.sbatch", "slurm_srun.sbatch"])
+def test_a_mistake_ends_the_job_in_the_preflight_with_exit_2(slurm, tmp_path, script):
+    """A data root that does not exist: the batch shell's pre-flight (train_ddp.py --check) says so in one
+    line and the job fails with exit code 2 before any step - no torchrun, no restart, no requeue."""
+    missing = tmp_path / "no-such-dir"
+    job = sbatch(script, tmp_path, *run_words(missing, tmp_path, "bad", steps=4))
+    state = wait_job(job)
+    out = job_output(tmp_path, job)
+    assert state == f"job {job} FAILED ExitCode=2:0 (exit 1)", f"{state}\n{out[-4000:]}"
+    assert out.count(f"train_ddp.py: data folder {missing}") == 1, out[-4000:]
+    assert "step ended" not in out and "(restart 1)" not in out and "Traceback" not in out
