@@ -217,7 +217,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(digits, good_check
     (["--data", "imagenet-agressive"], ["config file not found: imagenet-agressive", "nearest names: imagenet-aggressive"]),
     (["train.compile=false"], ["key 'train.compile': expected one of auto, on, off, got False"]),
     (["--evaluate"], ["--evaluate: no checkpoint", "never-trained.pth.tar", "evaluate.py --checkpoint FILE"]),
-], ids=["family-typo", "invalid-choice", "evaluate-untrained-label"])
+    (["--resume"], ["checkpoint", "never-trained.pth.tar not found", "start over with --fresh"]),
+], ids=["family-typo", "invalid-choice", "evaluate-untrained-label", "resume-missing"])
 def test_command_mistakes_say_what_to_do(digits, tmp_path, extra, needles):
     assert_user_error(train(digits, tmp_path, "never-trained", *extra), *needles)
     assert not (tmp_path / "never-trained.pth.tar").exists()
@@ -242,8 +243,9 @@ def test_bare_width_a_runs_own_config_file_and_a_finished_run(digits, tmp_path):
     assert scored.returncode == 0 and f"evaluate {tmp_path / 'w.pth.tar'}: top-1 " in scored.stdout, scored.stderr
 
 
-def test_evaluate_names_the_flag_for_a_subset_of_classes(good_checkpoint, photo_root):
-    """A 10-class model on a folder of 3 classes: the message says how such a folder is scored."""
+def test_evaluate_mistakes(good_checkpoint, photo_root):
+    """A 10-class model on a folder of 3 classes: the message says how such a folder is scored; --ema of a
+    file without EMA weights; a checkpoint that does not exist."""
     p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(good_checkpoint),
                         f"data.root={photo_root}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
     assert_user_error(p, f"{photo_root / 'val'} has 3 class folders but {good_checkpoint} has 10 outputs",
@@ -251,6 +253,10 @@ def test_evaluate_names_the_flag_for_a_subset_of_classes(good_checkpoint, photo_
     p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(good_checkpoint), "--ema"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
     assert_user_error(p, "--ema:", "holds no EMA weights", prog="evaluate.py")
+    missing = good_checkpoint.parent / "no-such.pth.tar"
+    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(missing)], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert_user_error(p, f"checkpoint {missing} not found", prog="evaluate.py")
 
 
 def test_a_mistake_is_reported_once_and_the_launcher_starts_nothing(digits, tmp_path):
