@@ -3,7 +3,8 @@
 Drops what only training needs (optimizer, epoch, ...) and the ``module.`` (DDP) / ``_orig_mod.``
 (torch.compile) prefixes, checks that the weights load strictly into the model named by ``--model``, and only
 then writes the output (atomically). The flags are those of the FD-MobileNet authors' tool; ``--data`` and
-``--label`` are accepted for compatibility and ignored.
+``--label`` are accepted for compatibility and ignored. Exit codes: 0 written; 2 a checkpoint or model that
+does not fit (one line, nothing written).
 
     python convert_model.py --model 0.25x-FDMobileNet-224 --input checkpoints/run.pth.tar --output run.pth.tar
 """
@@ -13,10 +14,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from fdmobilenet import FDMobileNet
-from fdmobilenet.checkpoint import (CheckpointError, load_checkpoint, load_weights, model_state_dict,
-                                    save_checkpoint, strip_prefixes)
-from fdmobilenet.config import ConfigError, load_model_ref
+from fdmobilenet import FDMobileNet, cli
+from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_state_dict, save_checkpoint, strip_prefixes
+from fdmobilenet.config import load_model_ref
+
+PROG = "convert_model.py"
 
 
 def convert(input_path: str, output_path: str, model_ref: str) -> dict:
@@ -48,9 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert(args.input, args.output, args.model)
-    except (CheckpointError, ConfigError) as e:
-        print(f"convert_model.py: error: {e}", file=sys.stderr)
-        return 1
+    except cli.USER_ERRORS as e:
+        cli.report(PROG, e)
+        return cli.EXIT_USAGE
     print(f"wrote {args.output}: {out['name']}, {len(out['state_dict'])} tensors (strict load checked)")
     return 0
 

@@ -5,10 +5,14 @@
     torchrun --nproc_per_node=8 evaluate.py --checkpoint checkpoints/1x-FDMobileNet-224_best.pth.tar
 
 Without --config/--data/--model the checkpoint's own config is used (this project's checkpoints record
-it). Every image of {data.root}/{data.val_split} is counted once, also over several ranks.
+it); without --model the width is the checkpoint's (its config, else its tensor shapes: the authors' files).
+Every image of {data.root}/{data.val_split} is counted once, also over several ranks.
 
 --labels-from-folder-names scores a small folder against all of the model's outputs: the class folders are
 named by output index (val/281/cat.jpg for ImageNet's tabby cat), not renumbered 0..k-1 as ImageFolder does.
+
+Exit codes: 0 scored; 2 a mistake in the command, its config or its files (one line `evaluate.py: ...`);
+1 anything else (a traceback).
 """
 from __future__ import annotations
 
@@ -18,21 +22,26 @@ import torch
 from torchvision.datasets.folder import find_classes
 
 import pipelines
-from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_state_dict, strip_prefixes
+from fdmobilenet import cli
+from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_config, model_state_dict
 from fdmobilenet.config import ExperimentConfig, apply_overrides, from_dict, load_experiment, load_model_ref
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank
-from fdmobilenet.engine import evaluate, prepare_model, resolve_amp
+from fdmobilenet.engine import evaluate, prepare_model, resolve_amp, set_cpu_threads
 from fdmobilenet.logs import format_metrics
 from fdmobilenet.model import FDMobileNet
-from pipelines.base import split_dir
+from pipelines.base import DataError, check_split_folder, split_dir
+
+PROG = "evaluate.py"
+FOLDER_NAMES_HINT = ("to score a folder of only some of the model's classes, name its class folders by the "
+                     "model's output index (val/281/ for ImageNet's tabby cat) and pass --labels-from-folder-names")
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="Evaluate an FD-MobileNet checkpoint (top-1 / top-5 / loss).")
+    ap = argparse.ArgumentParser(prog=PROG, description="Evaluate an FD-MobileNet checkpoint (top-1 / top-5 / loss).")
     ap.add_argument("--checkpoint", required=True, help="a .pth.tar of this project or of the authors")
     ap.add_argument("--config", help="experiment file (data + model); default: the checkpoint's config")
     ap.add_argument("--data", help="data config (a path or a name in configs/data/)")
-    ap.add_argument("--model", help="model config, or a width multiplier such as 0.25")
+    ap.add_argument("--model", help="model config, or a width multiplier such as 0.25 (default: the checkpoint's)")
     ap.add_argument("--print-freq", type=int, default=0, help="report progress every N batches")
     ap.add_argument("--ema", action="store_true", help="evaluate the EMA weights the trainer saved (optim.ema_decay)")
     ap.add_argument("--batch-size", type=int, default=100, help="per-rank batch (default 100)")
@@ -44,13 +53,14 @@ def parse_args(argv):
 
 
 def resolve_config(args, ckpt: dict) -> ExperimentConfig:
-    """--config, else the checkpoint's recorded config, else defaults; then --data/--model; then overrides."""
+    """--config, else the checkpoint's recorded config, else defaults with the checkpoint's width; then
+    --data/--model; then overrides."""
     if args.config:
         cfg = load_experiment(args.config)
     elif isinstance(ckpt.get("config"), dict):
         cfg = from_dict(ckpt["config"], f"config stored in {args.checkpoint}")
     else:
-        cfg = ExperimentConfig()
+        cfg = ExperimentConfig(model=model_config(ckpt, args.checkpoint)[0])
     if args.data:
         cfg.data = load_experiment(data=args.data).data
     if args.model:
@@ -59,29 +69,44 @@ def resolve_config(args, ckpt: dict) -> ExperimentConfig:
     return cfg
 
 
-def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
-    # The classifier's size comes from the weights, so a 1000-class file can score a 3-folder set.
-    if args.ema and not ckpt.get("ema"):
-        raise ValueError(f"--ema: {args.checkpoint} holds no EMA weights (trained with optim.ema_decay=0)")
-    weights = ckpt["ema"] if args.ema else model_state_dict(ckpt, args.checkpoint)
-    num_classes = strip_prefixes(weights)["classifier.weight"].shape[0]
-    label_map = None
+def check_labels(args, cfg: ExperimentConfig, num_classes: int, device: torch.device):
+    """The loader label -> model output map (None: the identity). The classifier's size comes from the
+    weights, so a 1000-class file can score a 3-folder set - when its folders say which classes they are."""
+    folder = split_dir(cfg.data, "val")
     if args.labels_from_folder_names:
-        classes, _ = find_classes(str(split_dir(cfg.data, "val")))
+        check_split_folder(folder)
+        classes, _ = find_classes(str(folder))
         if not all(c.isdigit() and int(c) < num_classes for c in classes):
-            raise ValueError(f"--labels-from-folder-names: the class folders of {split_dir(cfg.data, 'val')} "
-                             f"must be output indices below {num_classes}, got {classes[:10]}")
+            raise DataError(f"--labels-from-folder-names: the class folders of {folder} must be output indices "
+                            f"below {num_classes}, got {classes[:10]}")
         cfg.data.num_classes = len(classes)
-        label_map = torch.tensor([int(c) for c in classes], device=info.device)
-    elif cfg.data.num_classes != num_classes:
-        raise ValueError(f"{args.checkpoint} has {num_classes} outputs but data.num_classes is "
-                         f"{cfg.data.num_classes}; pick the matching --data, or --labels-from-folder-names")
+        return torch.tensor([int(c) for c in classes], device=device)
+    if cfg.data.loader != "synthetic" and cfg.data.layout == "folder":
+        check_split_folder(folder)
+        found = len(find_classes(str(folder))[0])
+        if found != num_classes:
+            raise DataError(f"{folder} has {found} class folders but {args.checkpoint} has {num_classes} "
+                            f"outputs; {FOLDER_NAMES_HINT}, or pick the --data of the model's data set")
+    if cfg.data.num_classes != num_classes:
+        raise DataError(f"{args.checkpoint} has {num_classes} outputs but data.num_classes is "
+                        f"{cfg.data.num_classes}; pick the matching --data, or {FOLDER_NAMES_HINT}")
+    return None
+
+
+def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
+    if args.ema and not ckpt.get("ema"):
+        raise cli.UsageError(f"--ema: {args.checkpoint} holds no EMA weights (trained with optim.ema_decay=0)")
+    weights = ckpt["ema"] if args.ema else model_state_dict(ckpt, args.checkpoint)
+    num_classes = model_config(weights, args.checkpoint)[1]
+    label_map = check_labels(args, cfg, num_classes, info.device)
     module = FDMobileNet(cfg.model.width_mult, num_classes=num_classes, dropout=cfg.model.dropout)
     load_weights(module, weights, args.checkpoint)
+    set_cpu_threads(cfg.data)
     cfg.train.compile = "off" if cfg.train.compile == "auto" else cfg.train.compile   # one pass: no gain
     _, model = prepare_model(module, cfg.train, info)
     loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank,
                                     world_size=info.world_size, local_rank=info.local_rank, device=info.device)
+    info.report_own_errors = True   # from here an error can be one rank's own (an undecodable image)
     m = evaluate(model, loader, info, resolve_amp(cfg.train.amp, info.device), args.print_freq,
                  label_map=label_map)
     if info.is_main:
@@ -91,10 +116,11 @@ def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = resolve_config(args, ckpt)
+    with cli.exit_on_user_error(PROG):
+        ckpt = load_checkpoint(args.checkpoint)
+        cfg = resolve_config(args, ckpt)
     info = init_distributed(cfg.train.device)
-    run_rank(lambda: run(args, ckpt, cfg, info), info, "evaluation")   # an error on any rank ends the job
+    run_rank(lambda: run(args, ckpt, cfg, info), info, PROG, "evaluation")   # an error on any rank ends the job
 
 
 if __name__ == "__main__":

@@ -14,49 +14,53 @@ The authors' flags work too:
 Any config field can be overridden: `--set optim.lr=0.2` (repeatable) or trailing `optim.lr=0.2` words.
 
 A run continues from {output_dir}/{label}.pth.tar when that file exists (train.auto_resume; --fresh starts
-over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step, save a checkpoint that
-records the step, and exit with code 0 (so torchrun does not count it as a failure; the SLURM script requeues).
-Any error on any rank prints its traceback and exits 1 at once; the launcher (torchrun, srun
---kill-on-bad-exit) then stops the other ranks, so the job ends non-zero instead of hanging.
+over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step (or evaluation batch),
+save a checkpoint that records the step, and exit with code 0 (so torchrun does not count it as a failure;
+the SLURM script requeues). Exit codes: 0 done, preempted, or nothing left to do; 2 a user's mistake (one line
+`train_ddp.py: ...`, see fdmobilenet/cli.py); 1 anything else, with its traceback - any error on any rank
+exits at once, and the launcher (torchrun, srun --kill-on-bad-exit) stops the other ranks, so the job ends
+instead of hanging. `--check` runs the pre-flight (fdmobilenet/preflight.py) in one process and exits;
+the launchers run it before starting the workers. A rank that stops making progress is killed after
+train.step_timeout_s (fdmobilenet/watchdog.py), so that the launcher ends or restarts the job.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
-import signal
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
 
 import pipelines
-from fdmobilenet import watchdog
-from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, strip_prefixes
-from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, load_experiment, to_dict
-from fdmobilenet.distributed import (DistInfo, any_rank, gather_to_main, init_distributed, run_rank,
-                                     seed_everything)
-from fdmobilenet.engine import (Trainer, epoch_batches, evaluate, make_grad_scaler, prepare_model, resolve_amp,
-                                setup_backends, train_one_epoch)
-from fdmobilenet.logs import RunLogger, format_metrics, run_metadata
+from fdmobilenet import cli, watchdog
+from fdmobilenet.checkpoint import CheckpointSaver, load_weights
+from fdmobilenet.config import ExperimentConfig, apply_overrides, load_experiment, load_model_ref, to_dict
+from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
+from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
+                                resolve_amp, set_cpu_threads, setup_backends, train_one_epoch, validate)
+from fdmobilenet.logs import RunLogger, format_duration, format_metrics, run_metadata
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
+from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight
+from fdmobilenet.state import RunState
 
-# How often (in steps) the ranks agree on a pending preemption signal: one tiny all-reduce on the host-side
-# gloo group. 10 steps keep the reaction well under a minute even at several seconds per step.
-PREEMPT_POLL_STEPS = 10
+PROG = "train_ddp.py"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Train FD-MobileNet (DDP, AMP, torch.compile, DALI).",
-                                 epilog="Trailing section.key=value words are overrides, like --set.")
-    ap.add_argument("--config", help="experiment file composing data/model/optim/sched/train "
-                                     "(a path or a name in configs/experiments/)")
-    for family in ("data", "model", "optim", "sched"):
+    ap = argparse.ArgumentParser(prog=PROG, description="Train FD-MobileNet (DDP, AMP, torch.compile, DALI).",
+                                 epilog="Trailing section.key=value words are overrides, like --set. Exit codes: "
+                                        "0 done / preempted / nothing left to do, 2 a mistake in the command, "
+                                        "its config or its files (one line), 1 a crash (traceback).")
+    ap.add_argument("--config", help="experiment file composing data/model/optim/sched/train (a path, a name "
+                                     "in configs/experiments/, or a run's own {label}.config.yaml)")
+    for family in ("data", "optim", "sched"):
         ap.add_argument(f"--{family}", help=f"{family} config (a path or a name in configs/{family}/); "
                                             f"replaces the experiment's")
+    ap.add_argument("--model", help="model config (a path or a name in configs/model/) or a width multiplier "
+                                    "such as 0.25; replaces the experiment's")
     ap.add_argument("--label", help="run name: checkpoints/{label}.pth.tar, logs (train.label)")
     ap.add_argument("--print-freq", type=int, help="log every N steps (train.print_freq)")
     ap.add_argument("--resume", action="store_true",
@@ -64,7 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-resume", "--fresh", dest="fresh", action="store_true",
                     help="start from scratch even if the label's checkpoint exists (overwrites it)")
     ap.add_argument("--evaluate", action="store_true",
-                    help="only evaluate on the val split (the label's checkpoint if present), then exit")
+                    help="only evaluate the label's checkpoint on the val split (an error if it does not exist)")
+    ap.add_argument("--check", action="store_true",
+                    help="pre-flight only: check config, data folders, batch / world size and checkpoint in "
+                         "this one process, then exit (0 fine, 2 a mistake); the launchers run it first")
+    ap.add_argument("--world-size", default=os.environ.get("WORLD_SIZE", "1"),
+                    help="with --check: the world size(s) the job will run at, e.g. 8 or 8,16 (elastic)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     ap.add_argument("overrides", nargs="*", metavar="[CONFIG] SECTION.KEY=VALUE",
                     help="overrides; a first word without '=' is the experiment file (same as --config)")
@@ -77,232 +86,139 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace) -> ExperimentConfig:
-    """All through fdmobilenet.config: experiment file, then family flags, then overrides."""
+    """Experiment file, then the family flags (--model also takes a bare width, as evaluate.py does), then
+    the overrides."""
+    cfg = load_experiment(args.config, data=args.data, optim=args.optim, sched=args.sched)
+    if args.model:
+        cfg.model = load_model_ref(args.model)
     flags = [f"train.label={args.label}"] if args.label else []
     flags += [f"train.print_freq={args.print_freq}"] if args.print_freq else []
-    return load_experiment(args.config, data=args.data, model=args.model, optim=args.optim, sched=args.sched,
-                           overrides=[*flags, *args.set, *args.overrides])
+    apply_overrides(cfg, [*flags, *args.set, *args.overrides])
+    return cfg
 
 
-# ------------------------------------------------------------------------------------------- preemption
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 only set a flag: the ranks act on it together at a step boundary (a rank acting
-    alone would leave the others waiting in the next collective). Repeats are ignored: SLURM signals every
-    process of the step and torchrun forwards the same signal again milliseconds later, so a worker routinely
-    gets it twice (tests/test_launch_slurm.py). A stuck process is ended by torchrun's --shutdown-timeout,
-    SLURM's KillWait, or SIGINT / SIGKILL."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if not self.requested:
-            self.requested, self.signal_name = True, signal.Signals(signum).name
+def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
+    return Plan(cfg, world_sizes, Path(cfg.train.output_dir) / f"{cfg.train.label}.pth.tar", resume=args.resume,
+                fresh=args.fresh, evaluate=args.evaluate)
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    """This rank's random generators (numpy's as plain lists: weights_only loading accepts no arrays)."""
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    return {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+def build_loader(cfg: ExperimentConfig, split: str, batch: int, info: DistInfo):
+    return pipelines.build_loader(cfg.data, split, batch, rank=info.rank, world_size=info.world_size,
+                                  local_rank=info.local_rank, device=info.device)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np_state = state["numpy"]
-    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:
+    """After every train.eval_every-th epoch (``epoch`` counted from 0), and always after the last one."""
+    every = cfg.train.eval_every
+    return epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
 
 
-def save_state(t: Trainer, cfg: ExperimentConfig, loader, epoch: int, step_in_epoch: int, best_top1: float,
-               *paths: str) -> None:
-    """Collective (every rank calls it at the same point): check the loss is finite on all ranks, gather
-    every rank's RNG and reader states, then rank 0 writes each path atomically. ``epoch`` /
-    ``step_in_epoch``: where a resume starts."""
-    t.check_finite(epoch)   # never replace a good checkpoint with diverged weights
-    # every rank's own generators and reader state: each rank reads its own shard with its own augmentation
-    per_rank = gather_to_main((rng_state(), loader.state_dict()), t.info)
-    if not t.info.is_main:
-        return
-    state = {
-        "name": cfg.model.name, "state_dict": strip_prefixes(t.module.state_dict()),
-        "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-        "scaler": t.scaler.state_dict() if t.scaler else None,
-        # EMA as a plain model state_dict (evaluate.py --ema loads it like any weights) + its update count
-        "ema": t.ema.module.state_dict() if t.ema else None,
-        "ema_n_averaged": int(t.ema.n_averaged) if t.ema else 0,
-        "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": t.global_step, "best_top1": best_top1,
-        "config": to_dict(cfg), "rng": [rng for rng, _ in per_rank], "loader": [state for _, state in per_rank],
-        "world_size": t.info.world_size}
-    for path in paths:
-        save_checkpoint(state, path)
-
-
-def restore_state(t: Trainer, ckpt: dict, loader, path: str) -> tuple[int, int, float, dict | None]:
-    """Load everything save_state wrote; returns (epoch, step_in_epoch, best_top1, this rank's RNG state or
-    None when the world size changed - to be applied once the loader is positioned). The loader gets this
-    rank's reader state (rank 0's when the world size changed)."""
-    load_weights(t.module, ckpt, path)
-    t.optimizer.load_state_dict(ckpt["optimizer"])
-    t.scheduler.load_state_dict(ckpt["scheduler"])
-    if t.scaler is not None and ckpt.get("scaler"):
-        t.scaler.load_state_dict(ckpt["scaler"])
-    if t.ema is not None and ckpt.get("ema"):
-        load_weights(t.ema.module, ckpt["ema"], f"{path} (ema)")
-        t.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
-    t.global_step = ckpt["global_step"]
-    same_layout = ckpt.get("world_size") == t.info.world_size   # then each rank gets its own states back
-    states = ckpt.get("loader") or [{}]
-    if isinstance(states, dict):   # a file holding one reader state (rank 0's) for every rank
-        states = [states]
-    loader.load_state_dict(states[t.info.rank] if same_layout and len(states) > 1 else states[0])
-    return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_top1"], ckpt["rng"][t.info.rank] if same_layout else None
-
-
-# ------------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None:
     train_cfg, optim_cfg = cfg.train, cfg.optim
     seed_everything(train_cfg.seed, info.rank)
     setup_backends(info.device, train_cfg.deterministic)
-    if optim_cfg.batch_size % info.world_size:
-        raise ValueError(f"optim.batch_size={optim_cfg.batch_size} (global) must divide evenly over "
-                         f"{info.world_size} ranks; pick a multiple of {info.world_size}")
-    batch = optim_cfg.batch_size // info.world_size
-    ckpt_path = os.path.join(train_cfg.output_dir, f"{train_cfg.label}.pth.tar")
-    best_path = os.path.join(train_cfg.output_dir, f"{train_cfg.label}_best.pth.tar")
-    ckpt = None
-    if args.resume or (train_cfg.auto_resume and not args.fresh and os.path.isfile(ckpt_path)):
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except CheckpointError as e:   # missing (--resume) or corrupt: the message names the file
-            raise CheckpointError(f"{e}; or start this label over with --fresh") from e
-        if not args.evaluate and from_dict(ckpt["config"]).optim.batch_size != optim_cfg.batch_size:
-            raise ValueError(f"{ckpt_path} was trained with optim.batch_size="
-                             f"{ckpt['config']['optim']['batch_size']}; resuming with {optim_cfg.batch_size} "
-                             f"would change the schedule. Keep the batch size or start with --fresh")
+    threads = set_cpu_threads(cfg.data)
+    batch = per_rank_batch(cfg, info.world_size)
+    saver = CheckpointSaver(train_cfg.output_dir, train_cfg.label)
+    ckpt = checkpoint_to_resume(plan(args, cfg, [info.world_size]))   # None: start from scratch
+    done = ckpt is not None and not args.evaluate and nothing_left(ckpt, cfg, saver.path)
+    if done:
+        if info.is_main:
+            print(f"{PROG}: {done}", flush=True)
+        return
 
     # Data. The loader (DALI GPU / DALI CPU / torchvision / synthetic) comes from data.loader alone; all of
     # them hand over channels_last images on this rank's device, so nothing below depends on which it is.
-    def loader(split: str):
-        return pipelines.build_loader(cfg.data, split, batch, rank=info.rank, world_size=info.world_size,
-                                      local_rank=info.local_rank, device=info.device, epochs_hint=optim_cfg.epochs)
-    val_loader = loader("val")
+    val_loader = build_loader(cfg, "val", batch, info)
 
     # Model and the speed switches (channels_last, torch.compile, then DDP: see engine.prepare_model).
     module = FDMobileNet(cfg.model.width_mult, num_classes=cfg.data.num_classes, dropout=cfg.model.dropout)
     model, eval_model = prepare_model(module, train_cfg, info)
     amp_dtype = resolve_amp(train_cfg.amp, info.device)
-    if args.evaluate:
-        if ckpt is not None:
-            load_weights(module, ckpt, ckpt_path)
+    if args.evaluate:   # the whole val split, whatever train.val_steps says
+        load_weights(module, ckpt, str(saver.path))
+        info.report_own_errors = True
         m = evaluate(eval_model, val_loader, info, amp_dtype, train_cfg.print_freq)
         if info.is_main:
-            print(f"evaluate {ckpt_path if ckpt else '(untrained weights)'}: {format_metrics(m)}", flush=True)
+            print(f"evaluate {saver.path}: {format_metrics(m)}", flush=True)
         return
-    log = RunLogger(train_cfg.output_dir, train_cfg.label, info.is_main, start_epoch=ckpt["epoch"] if ckpt else 0)
 
-    train_loader = loader("train")
+    train_loader = build_loader(cfg, "train", batch, info)
     steps = len(train_loader) if train_cfg.steps_per_epoch <= 0 else min(len(train_loader),
                                                                           train_cfg.steps_per_epoch)
     optimizer = build_optimizer(module, optim_cfg, info.device)
-    t = Trainer(model=model, module=module, optimizer=optimizer,
-                scheduler=build_scheduler(optimizer, optim_cfg, cfg.sched, steps),
-                criterion=nn.CrossEntropyLoss(label_smoothing=optim_cfg.label_smoothing), info=info,
-                amp_dtype=amp_dtype, scaler=make_grad_scaler(info.device, amp_dtype),
-                ema=build_ema(module, optim_cfg.ema_decay))
-    start_epoch, start_step, best_top1, rng, skip = 0, 0, 0.0, None, 0
-    if ckpt is not None:
-        start_epoch, start_step, best_top1, rng = restore_state(t, ckpt, train_loader, ckpt_path)
-        # Mid-epoch: a loader with reader state (DALI) continues from it by itself; one without replays the
-        # epoch's order and the first start_step batches are drawn and dropped (engine.epoch_batches).
-        skip = 0 if train_loader.state_dict() else start_step
-        log.print(f"resumed from {ckpt_path}: epoch {start_epoch + 1} step {start_step}, "
-                  f"global step {t.global_step}, best top-1 {best_top1:.2f}%")
+    trainer = Trainer(model=model, module=module, optimizer=optimizer,
+                      scheduler=build_scheduler(optimizer, optim_cfg, cfg.sched, steps),
+                      criterion=nn.CrossEntropyLoss(label_smoothing=optim_cfg.label_smoothing), info=info,
+                      amp_dtype=amp_dtype, scaler=make_grad_scaler(info.device, amp_dtype),
+                      ema=build_ema(module, optim_cfg.ema_decay))
+    state, resumed = RunState(trainer, train_loader, cfg, steps), ckpt is not None
+    if resumed:
+        state.load_state_dict(ckpt, str(saver.path))
     del ckpt
+    log = RunLogger(train_cfg.output_dir, train_cfg.label, info.is_main, start_epoch=state.epoch)
+    if resumed:
+        log.print(f"resumed from {saver.path}: epoch {state.epoch + 1} step {state.step}, global step "
+                  f"{trainer.global_step}, best top-1 {state.best_top1:.2f}%"
+                  + (" (its steps are done: evaluation first)" if state.step == steps else ""))
 
     config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size})
+    val_images = val_loader.num_samples if train_cfg.val_steps <= 0 else min(val_loader.num_samples,
+                                                                              train_cfg.val_steps * batch)
     log.print(f"FD-MobileNet {cfg.model.width_mult:g}x  {sum(p.numel() for p in module.parameters()):,} params | "
               f"{info.world_size} rank(s) on {info.device.type}, batch {batch}/rank = {optim_cfg.batch_size} "
               f"global, lr {scaled_lr(optim_cfg):g} | amp {amp_dtype} | compile {eval_model is not module} | "
-              f"{type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
-              f"{val_loader.num_samples} val images on rank 0 | config -> {config_file}")
+              f"torch threads {threads} | {type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
+              f"{val_images} val images on rank 0 | config -> {config_file}")
 
+    # The epochs. Each: train (log lines, step checkpoints and preemption polls at step boundaries, in
+    # train_one_epoch), evaluate when due, log the summary, save (and link the best). A preemption signal,
+    # acted on at an agreed step or evaluation batch, saves and raises Preempted.
     preempt = PreemptionFlag()
-    epochs, run_start, run_step0 = optim_cfg.epochs, time.perf_counter(), t.global_step
-    progress = {"epoch": start_epoch}
-
-    def eta(m: dict) -> float:
-        remaining = (epochs - m["epoch"]) * steps - m["step"]
-        return remaining * (time.perf_counter() - run_start) / max(1, t.global_step - run_step0)
-
-    def preempted(epoch: int, step: int) -> None:
-        log.print(f"preempted ({preempt.signal_name or 'signal on another rank'}) at epoch {epoch + 1} step {step}, "
-                  f"checkpoint saved to {ckpt_path}")
+    info.report_own_errors = True   # from here an error can be one rank's own (see DistInfo)
+    run_start = time.perf_counter()
+    try:
+        while state.epoch < optim_cfg.epochs:
+            summary = train_one_epoch(state, train_cfg, log, saver, preempt)
+            if evaluation_due(cfg, state.epoch):
+                summary.update(validate(state, eval_model, val_loader, train_cfg, saver, preempt))
+            best = state.end_epoch(summary)
+            log.epoch(summary)
+            state.save(saver, best)
+    except Preempted as p:
+        pending = state.step == steps and evaluation_due(cfg, state.epoch)
+        log.print(f"preempted ({p.signal_name}) at epoch {state.epoch + 1} step {state.step}, checkpoint saved to "
+                  f"{saver.path}" + (" (the epoch's evaluation runs first on resume)" if pending else ""))
         log.close(plot=False)
+        return
+    log.print(f"done: best val top-1 {state.best_top1:.2f}% at epoch {state.best_epoch} ({saver.best_path}), "
+              f"checkpoint {saver.path}, logs {log.dir}/{train_cfg.label}.csv, "
+              f"{format_duration(time.perf_counter() - run_start)} (h:mm:ss)")
+    curves = log.close(train_cfg.plot, state.best_epoch)
+    if curves:
+        log.print(f"curves: {curves}")
 
-    def after_step(steps_done: int) -> bool:
-        """Step checkpoints and the agreed reaction to a preemption signal; True stops the epoch."""
-        epoch = progress["epoch"]
-        if steps_done == steps:   # the epoch-end path saves and checks the flag
-            return False
-        stop = steps_done % PREEMPT_POLL_STEPS == 0 and any_rank(preempt.requested, info)
-        if stop or (train_cfg.save_every_steps > 0 and t.global_step % train_cfg.save_every_steps == 0):
-            save_state(t, cfg, train_loader, epoch, steps_done, best_top1, ckpt_path)
-        if stop:
-            preempted(epoch, steps_done)
-        return stop
 
-    for epoch in range(start_epoch, epochs):
-        progress["epoch"] = epoch
-        train_loader.set_epoch(epoch)
-        lr = t.optimizer.param_groups[0]["lr"]
-        epoch_start = time.perf_counter()
-        batches = epoch_batches(train_loader, steps - start_step, skip,
-                                lambda: rng is not None and set_rng_state(rng))
-        s = train_one_epoch(t, batches, epoch, steps, start_step, train_cfg.print_freq,
-                            lambda m: log.step(m, epochs, eta(m)), after_step)
-        if s["steps_done"] < steps:   # preempted: the checkpoint is written, exit 0 (see the docstring)
-            return
-        train_time = time.perf_counter() - epoch_start
-        summary = {"epoch": epoch, "lr": lr, "train_loss": s["train_loss"], "train_top1": s["train_top1"],
-                   "img_s": (steps - start_step) * optim_cfg.batch_size / train_time, "epoch_time_s": train_time}
-        start_step, skip, rng = 0, 0, None
-        last = epoch == epochs - 1
-        if last or (train_cfg.eval_every > 0 and (epoch + 1) % train_cfg.eval_every == 0):
-            summary.update(evaluate(eval_model, val_loader, info, amp_dtype))
-            if t.ema is not None:
-                summary["ema_val_top1"] = evaluate(t.ema.module, val_loader, info, amp_dtype)["val_top1"]
-        is_best = summary.get("val_top1", -1.0) > best_top1
-        best_top1 = max(best_top1, summary.get("val_top1", -1.0))
-        log.epoch(summary)
-        save_state(t, cfg, train_loader, epoch + 1, 0, best_top1, ckpt_path, *([best_path] if is_best else []))
-        if not last and any_rank(preempt.requested, info):
-            preempted(epoch + 1, 0)
-            return
-    log.print(f"done: best val top-1 {best_top1:.2f}%, checkpoint {ckpt_path}, logs {log.dir}/{train_cfg.label}.csv"
-              f", {(time.perf_counter() - run_start) / 60:.1f} min")
-    plot = log.close(train_cfg.plot)
-    if plot:
-        log.print(f"curves: {plot}")
+def check(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
+    """--check: the pre-flight, in this one process (see fdmobilenet/preflight.py)."""
+    try:
+        sizes = [int(n) for n in str(args.world_size).split(",")]
+    except ValueError:
+        raise cli.UsageError(f"--world-size {args.world_size!r}: expected a number, or numbers separated by "
+                             f"commas (an elastic job)") from None
+    for line in preflight(plan(args, cfg, sizes)):
+        print(f"{PROG} --check: {line}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with cli.exit_on_user_error(PROG):
         cfg = load_config(args)
-    except ConfigError as e:
-        sys.exit(f"train_ddp.py: {e}")
+        if args.check:
+            return check(args, cfg)
     watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
     info = init_distributed(cfg.train.device)
-    run_rank(lambda: run(args, cfg, info), info, "training")   # an error on any rank ends the job at once
+    run_rank(lambda: run(args, cfg, info), info, PROG, "training")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Checkpoint I/O: atomic saves, safe loads, and strict weight loading with errors that say what to do.
+"""Checkpoint I/O: atomic saves, the latest/best pair of a run, safe loads, and strict weight loading with
+errors that say what to do.
 
 Every load goes through ``torch.load(..., weights_only=True)``: a checkpoint is plain tensors and containers,
 and a file that needs more than that is refused rather than unpickled (unpickling runs arbitrary code).
+``save_checkpoint`` is the one function that writes a checkpoint file.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -14,6 +18,9 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from fdmobilenet.config import ModelConfig, from_dict, load_model_ref
+from fdmobilenet.model import BLOCKS
 
 # Wrappers that prefix parameter names: DistributedDataParallel (``module.``) and torch.compile
 # (``_orig_mod.``), possibly nested either way.
@@ -33,17 +40,21 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` atomically: a crash or a full disk leaves the previous file untouched.
 
     The data goes to a temporary file in the same directory (same filesystem, so the rename is atomic), is
-    fsynced, and only then replaces ``path``; on any failure the temporary file is removed.
+    fsynced, and only then replaces ``path``; on any failure the temporary file is removed. It is serialised
+    in memory first and then written in one piece, so a failing write reports the operating system's error
+    (e.g. "No space left on device"), not whichever check of torch's zip writer it trips first.
     """
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = io.BytesIO()
+        torch.save(obj, data)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         # mkstemp creates the file private (0600); give it the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +80,45 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` the same file as ``src``, atomically: a hard link (no bytes written), or a copy where the
+    filesystem has no hard links, made under a temporary name and renamed over ``dst``.
+
+    A hard link is safe because ``save_checkpoint`` never writes into an existing file: the next save of
+    ``src`` renames a new file over that name, and ``dst`` keeps the old contents."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:   # no hard links here (some network / FUSE filesystems)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise CheckpointError(f"could not make {dst} a copy of {src}: {e}; {dst} (if any) is unchanged") from e
+        raise
+    _fsync_dir(dst.parent)
+
+
+class CheckpointSaver:
+    """A run's two files, as timm's CheckpointSaver keeps them: ``{label}.pth.tar``, the latest state, written
+    at every save, and ``{label}_best.pth.tar``, a hard link to (or copy of) the file just written when that
+    state is the best so far. One serialisation per save, so the best file is byte for byte a saved state."""
+
+    def __init__(self, output_dir: str | os.PathLike, label: str):
+        self.path = Path(output_dir) / f"{label}.pth.tar"
+        self.best_path = Path(output_dir) / f"{label}_best.pth.tar"
+
+    def save(self, obj: dict, best: bool = False) -> None:
+        save_checkpoint(obj, self.path)
+        if best:
+            link_or_copy(self.path, self.best_path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -153,9 +203,12 @@ def load_weights(model: nn.Module, ckpt_or_state_dict: Mapping[str, Any], source
                   if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if mismatched:
         key, theirs, ours = mismatched[0]
+        # Only the classifier differing means another class count; anything else, another width.
+        other = ("data.num_classes" if all(k.startswith("classifier.") for k, _, _ in mismatched)
+                 else "width_mult")
         raise CheckpointError(
             f"checkpoint {source} does not fit the model: {key} has shape {theirs} in the checkpoint but {ours} "
-            f"in the model (first of {len(mismatched)} mismatches) — was it trained with another width_mult?")
+            f"in the model (first of {len(mismatched)} mismatches) — was it trained with another {other}?")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -165,6 +218,22 @@ def load_weights(model: nn.Module, ckpt_or_state_dict: Mapping[str, Any], source
                  (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(f"checkpoint {source} does not fit the model: {'; '.join(parts) or e} — is it a "
                               f"checkpoint of this model (FD-MobileNet, same num_classes)?") from e
+
+
+def model_config(ckpt: Mapping[str, Any], source: str) -> tuple[ModelConfig, int]:
+    """(model config, number of classes) of the weights in ``ckpt``: the config this project stores in its
+    checkpoints, else what the tensor shapes say (the authors' files store none). The width comes from the
+    classifier's input, the last block's int(1024 x width) channels (exact for the paper's widths); one that
+    rounding makes ambiguous is refused by the strict load that follows, naming the file."""
+    state = strip_prefixes(model_state_dict(ckpt, source))
+    if "classifier.weight" not in state:
+        raise CheckpointError(f"{source} holds no FD-MobileNet weights (no classifier.weight); is it a "
+                              f"checkpoint of this model?")
+    num_classes = state["classifier.weight"].shape[0]
+    if isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]:
+        return from_dict({"model": ckpt["config"]["model"]}, f"config stored in {source}").model, num_classes
+    width = state["classifier.weight"].shape[1] / BLOCKS[-1][1]
+    return load_model_ref(f"{width:g}"), num_classes
 
 
 def _some(keys: list[str], n: int = 4) -> str:

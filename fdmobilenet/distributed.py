@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fdmobilenet import cli
+
 DEFAULT_PORT = 29500
 # Long on purpose: before the first all-reduce every rank compiles the model on its own (minutes with
 # compile_mode=max-autotune), and a rank that finished early must not time out waiting. A dead peer does not
@@ -41,6 +43,10 @@ class DistInfo:
     world_size: int
     device: torch.device
     control_group: Optional[Any] = None   # gloo group for host-side flags; None on a single process
+    # False while every rank does the same setup from the same inputs (config, data listing, checkpoint): a
+    # mistake found there is every rank's, and rank 0 alone reports it. Set once the ranks start working on
+    # their own shards: then an error can be one rank's own (an undecodable JPEG), and that rank reports it.
+    report_own_errors: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -121,13 +127,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def run_rank(work: Callable[[], None], info: DistInfo, what: str) -> None:
-    """Run this rank's ``work``, then leave the process group. On any error print the traceback and exit 1
-    at once: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting for peers
-    that are still inside a collective. torchrun sees the non-zero code and stops the other ranks; under
-    srun, --kill-on-bad-exit does - so one failing rank ends the job instead of hanging it."""
+def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> None:
+    """Run this rank's ``work``, then leave the process group. A user's mistake (fdmobilenet.cli) prints one
+    line ``prog: message`` and exits 2; any other error prints its traceback and exits 1. Either way the exit
+    is immediate: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting for
+    peers that are still inside a collective. torchrun sees the non-zero code and stops the other ranks;
+    under srun, --kill-on-bad-exit does - so one failing rank ends the job instead of hanging it."""
     try:
         work()
+    except cli.USER_ERRORS as e:
+        if info.is_main or info.report_own_errors:
+            cli.report(prog if info.is_main else f"[rank {info.rank}] {prog}", e)
+        sys.stdout.flush()
+        os._exit(cli.EXIT_USAGE)
     except BaseException:
         sys.stderr.write(f"[rank {info.rank}] {what} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
@@ -145,10 +157,36 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
+def rng_state() -> dict:
+    """This process's random generators (numpy's as plain lists: weights_only loading accepts no arrays)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Parameters are equal on every rank
+    by DDP's construction; buffers are not: each rank's forward updates its own from its own batch."""
+    if info.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
@@ -158,6 +196,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
     return bool(t.item())
+
+
+def min_over_ranks(value: int, info: DistInfo) -> int:
+    """The smallest ``value`` of all ranks, on every rank. Host-only (gloo control group)."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control_group)
+    return int(t.item())
 
 
 def gather_to_main(obj: Any, info: DistInfo) -> Optional[list]:

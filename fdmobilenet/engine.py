@@ -3,25 +3,72 @@
 No per-step host synchronisation: loss, correct counts and a non-finite-loss marker accumulate on the device
 and are read back only every ``print_freq`` steps (and before a checkpoint), so the host keeps queueing work
 ahead of the GPU. Throughput is timed between two synchronised log points.
+
+Preemption: SIGTERM / SIGUSR1 only set a flag (PreemptionFlag); the ranks agree on it every
+``poll_every`` steps and at an epoch's last step (train_one_epoch), and every ``poll_every`` batches of an
+evaluation (evaluate), then save and raise Preempted. A rank acting on the signal alone would leave the
+others waiting in their next collective.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fdmobilenet import watchdog
-from fdmobilenet.config import TrainConfig
-from fdmobilenet.distributed import DistInfo, all_reduce_sum
+from fdmobilenet.config import DataConfig, TrainConfig
+from fdmobilenet.distributed import (DistInfo, all_reduce_sum, any_rank, broadcast_buffers, min_over_ranks,
+                                     set_rng_state)
+
+if TYPE_CHECKING:   # annotations only: state imports this module
+    from fdmobilenet.checkpoint import CheckpointSaver
+    from fdmobilenet.logs import RunLogger
+    from fdmobilenet.state import RunState
+
+# How often (in steps, and in batches during an evaluation) the ranks agree on a pending preemption signal:
+# one tiny all-reduce on the host-side gloo group. 10 keeps the reaction well under a minute even at
+# several seconds per step.
+PREEMPT_POLL_STEPS = 10
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; raised before any checkpoint could store the diverged weights."""
+
+
+class Preempted(Exception):
+    """The ranks agreed to stop for a preemption signal; raised once the checkpoint is saved."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 only set a flag; :meth:`agreed` is the collective that acts on it. Repeats are
+    ignored: SLURM signals every process of the step and torchrun forwards the same signal again
+    milliseconds later, so a worker routinely gets it twice (tests/test_launch_slurm.py). A stuck process is
+    ended by torchrun's --shutdown-timeout, SLURM's KillWait, or SIGINT / SIGKILL."""
+
+    def __init__(self, poll_every: int = PREEMPT_POLL_STEPS):
+        self.poll_every = poll_every
+        self.requested = False
+        self.signal_name = "signal on another rank"
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            self.requested, self.signal_name = True, signal.Signals(signum).name
+
+    def agreed(self, info: DistInfo) -> bool:
+        """True on every rank when any rank got a signal. Every rank must call it at the same point."""
+        return any_rank(self.requested, info)
 
 
 # ------------------------------------------------------------------------------------------- speed switches
@@ -65,6 +112,23 @@ def model_input(images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch
 def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optional[torch.amp.GradScaler]:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none."""
     return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def set_cpu_threads(data: DataConfig) -> str:
+    """Set torch's intra-op threads for this process; returns the choice and its reason, for the log.
+
+    OMP_NUM_THREADS, when set, is torch's choice and stays: torchrun sets 1 per worker, the launchers the
+    cores per worker. Otherwise torch would start one thread per core while the loader runs its
+    data.num_threads threads (DALI) or worker processes (DataLoader) on the same cores; oversubscribed, the
+    two preempt each other mid-kernel (a plain process on 2 cores trained several times slower than with
+    one thread: benchmarks/RESULTS.md). So: the cores this process may run on, minus the loader's threads,
+    at least one."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    cores = len(os.sched_getaffinity(0))
+    loader = 0 if data.loader == "synthetic" else data.num_threads
+    torch.set_num_threads(max(1, cores - loader))
+    return f"{torch.get_num_threads()} ({cores} cores, {loader} of them for the loader)"
 
 
 def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
@@ -171,97 +235,178 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def epoch_batches(loader, count: int, skip: int = 0, after_skip: Callable[[], None] = lambda: None):
-    """``count`` batches of the current epoch, after drawing and dropping ``skip`` of them.
+def epoch_batches(state: RunState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of the rest of the current epoch (the caller takes ``state.steps - state.step``).
 
-    Skipping is how a loader without reader state resumes mid-epoch: every loader shuffles per epoch from
-    (seed, epoch) after set_epoch(), so it replays the same order. ``after_skip`` runs once the skipped
-    batches are drawn (the trainer restores the RNG state there, so the augmentations drawn from torch's
-    generator continue exactly). A loader whose iterator ends early - DALI continues an epoch that a
-    steps_per_epoch cap left unfinished, and that epoch may end first - is simply iterated again.
+    A resume is finished here, before the first batch: a loader with reader state (DALI) continues by itself;
+    one without replays the epoch's order (every loader shuffles per epoch from (seed, epoch) after
+    set_epoch()), so the ``state.skip`` batches already trained on are drawn and dropped. Then this rank's
+    random generators from the checkpoint are restored, so the augmentations drawn from torch's generator
+    continue exactly. An epoch with no steps left (trained, evaluation pending) touches the loader not at
+    all. A loader whose iterator ends early - DALI continues an epoch that a steps_per_epoch cap left
+    unfinished, and that epoch may end first - is simply iterated again.
     """
-    batches = iter(loader)
-    for _ in range(skip):
+    batches = iter(state.loader) if state.step < state.steps else iter(())
+    for _ in range(state.skip if state.step < state.steps else 0):
         next(batches)
-    after_skip()
-    for _ in range(count):
-        batch = next(batches, None)
-        if batch is None:
-            batches = iter(loader)
-            batch = next(batches)
-        yield batch
+    if state.resume_rng is not None:
+        set_rng_state(state.resume_rng)
+    state.skip, state.resume_rng = 0, None
+    return _continued(state.loader, batches)
 
 
-def train_one_epoch(t: Trainer, batches, epoch: int, steps: int, start_step: int, print_freq: int,
-                    log_step: Callable[[dict], None], after_step: Callable[[int], bool]) -> dict:
-    """Run steps ``start_step`` .. ``steps - 1`` of ``epoch`` on ``batches`` (see epoch_batches).
+def _continued(loader, batches: Iterator) -> Iterator:
+    """``batches``, then the loader's next epochs, without end (the caller counts)."""
+    while True:
+        yield from batches
+        batches = iter(loader)
 
-    ``log_step`` gets the metrics every ``print_freq`` steps (rank 0 prints them); ``after_step(steps_done)``
-    returns True to stop the epoch early (preemption). Returns the summary of the steps run here,
-    all-reduced over the ranks.
+
+class StepWindow:
+    """The steps since the last print (or save) point: loss and hits summed on the device, no host sync per
+    step; :meth:`fold` reads them once, adds them to the epoch's running sums and starts the next window."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self._start()
+
+    def _start(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
+        self.steps, self.samples, self.wait = 0, 0, 0.0
+        sync(self.device)
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, samples: int) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.steps += 1
+        self.samples += samples
+
+    def fold(self, state: RunState) -> dict:
+        """Sync; add the window to ``state.sums``; return its metrics (this rank's; img/s for all ranks)."""
+        sync(self.device)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        loss, correct, s = self.loss.item() / max(self.steps, 1), self.correct.item(), state.sums
+        s.loss += loss * self.samples    # the steps' mean loss x samples: every training batch is full
+        s.correct += correct
+        s.samples += self.samples
+        s.seconds += elapsed
+        m = {"loss": loss, "top1": 100.0 * correct / max(self.samples, 1),
+             "img_s": self.samples * state.trainer.info.world_size / elapsed, "data_wait": self.wait / elapsed,
+             "step_time": elapsed / max(self.steps, 1)}
+        self._start()
+        return m
+
+
+def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: CheckpointSaver,
+                    preempt: PreemptionFlag) -> dict:
+    """Train steps ``state.step`` .. ``state.steps - 1`` of epoch ``state.epoch``; return the epoch's summary,
+    all-reduced over the ranks (the whole epoch, also after a resume midway: its sums are checkpointed).
+
+    At each step boundary, in this order: every ``cfg.print_freq`` steps and at the epoch's last step a log
+    line (and the non-finite loss check); every ``cfg.save_every_steps`` global steps a checkpoint (not at
+    the epoch's last step: the end of the epoch saves after its evaluation); every ``preempt.poll_every``
+    steps and at the last step the ranks' agreement on a preemption signal - on a signal a checkpoint, then
+    Preempted. A signal at the last step leaves the epoch trained but not evaluated: the resumed run
+    evaluates it first.
     """
+    t, info, epochs = state.trainer, state.trainer.info, state.config.optim.epochs
     t.model.train()
-    device = t.info.device
-    batches = iter(batches)
-    window_loss = torch.zeros((), device=device)
-    window_correct = torch.zeros((), device=device, dtype=torch.long)
-    totals = torch.zeros(2, device=device, dtype=torch.float64)   # loss sum, correct (samples: on the host)
-    samples, window_steps, window_samples, wait, steps_done = 0, 0, 0, 0.0, start_step
-
-    def fold_window() -> None:
-        nonlocal samples
-        totals.add_(torch.stack([window_loss.double() * (window_samples / window_steps), window_correct.double()]))
-        samples += window_samples
-        window_loss.zero_()
-        window_correct.zero_()
-
-    sync(device)
-    window_start = time.perf_counter()
-    for step in watchdog.timed_steps(range(start_step, steps)):   # a rank that stops progressing is killed
+    state.loader.set_epoch(state.epoch)
+    batches = epoch_batches(state)
+    window = StepWindow(info.device)
+    for _ in watchdog.timed_steps(range(state.step, state.steps)):   # a rank that stops progressing is killed
         fetch_start = time.perf_counter()
         images, labels = next(batches)
-        wait += time.perf_counter() - fetch_start
+        window.wait += time.perf_counter() - fetch_start
+        state.sums.lr = t.optimizer.param_groups[0]["lr"]   # what this step uses; the scheduler moves it after
         loss, correct = t.step(images, labels)
-        window_loss += loss
-        window_correct += correct
-        window_steps += 1
-        window_samples += labels.shape[0]
-        steps_done = step + 1
-        if steps_done % print_freq == 0 or steps_done == steps:
-            sync(device)
-            elapsed = time.perf_counter() - window_start
-            t.check_finite(epoch)
-            log_step({"epoch": epoch, "step": steps_done, "steps": steps, "global_step": t.global_step,
-                      "loss": window_loss.item() / window_steps,
-                      "top1": 100.0 * window_correct.item() / window_samples, "lr": t.optimizer.param_groups[0]["lr"],
-                      "img_s": window_samples * t.info.world_size / elapsed, "data_wait": wait / elapsed,
-                      "step_time": elapsed / window_steps})
-            fold_window()
-            window_steps, window_samples, wait = 0, 0, 0.0
-            window_start = time.perf_counter()
-        if after_step(steps_done):
-            break
-    if window_steps:   # stopped between print points (preemption): fold in the rest
-        fold_window()
-    loss_sum, correct, samples = all_reduce_sum(torch.cat([totals, totals.new_tensor([samples])]), t.info).tolist()
-    return {"train_loss": loss_sum / max(samples, 1), "train_top1": 100.0 * correct / max(samples, 1),
-            "steps_done": steps_done}
+        window.add(loss, correct, labels.shape[0])
+        state.step += 1
+        last = state.step == state.steps
+        if state.step % cfg.print_freq == 0 or last:
+            t.check_finite(state.epoch)
+            m = window.fold(state)
+            s = state.sums
+            log.step({**m, "epoch": state.epoch + 1, "epochs": epochs, "step": state.step, "steps": state.steps,
+                      "global_step": t.global_step, "lr": s.lr, "loss_avg": s.loss / s.samples,
+                      "top1_avg": 100.0 * s.correct / s.samples,
+                      "steps_left": (epochs - state.epoch) * state.steps - state.step,
+                      "max_mem_gib": torch.cuda.max_memory_allocated(info.device) / 2**30
+                      if info.device.type == "cuda" else None})
+        if cfg.save_every_steps > 0 and t.global_step % cfg.save_every_steps == 0 and not last:
+            window.fold(state)
+            state.save(saver)
+        if (state.step % preempt.poll_every == 0 or last) and preempt.agreed(info):
+            window.fold(state)
+            state.save(saver)
+            raise Preempted(preempt.signal_name)
+    s = state.sums
+    loss_sum, correct, samples = all_reduce_sum(
+        torch.tensor([s.loss, s.correct, s.samples], dtype=torch.float64, device=info.device), info).tolist()
+    return {"epoch": state.epoch + 1, "lr": s.lr, "train_loss": loss_sum / max(samples, 1),
+            "train_top1": 100.0 * correct / max(samples, 1), "img_s": samples / max(s.seconds, 1e-9),
+            "epoch_time_s": s.seconds}
+
+
+def validate(state: RunState, model: nn.Module, loader, cfg: TrainConfig, saver: CheckpointSaver,
+             preempt: PreemptionFlag) -> dict:
+    """The evaluation of a training epoch, of the weights the checkpoint will hold: val metrics, and the
+    EMA's top-1 when there is an EMA.
+
+    Every rank first takes rank 0's BatchNorm buffers (and the EMA's), the ones rank 0 saves. They differ
+    otherwise: DDP broadcasts rank 0's buffers at the start of every training forward, then each rank
+    updates its copy from its own batch, so after the last step every rank holds slightly different
+    running statistics, and a distributed evaluation would score a mixture no checkpoint contains.
+    Broadcasting rather than averaging (timm's distribute_bn offers both) keeps the saved file and the
+    training trajectory exactly as they were - the next forward broadcasts rank 0's buffers anyway - and
+    makes the logged numbers the saved model's: evaluate.py on the checkpoint, same ranks and batches,
+    reproduces them.
+
+    A preemption signal during the evaluation abandons it: the trained epoch is saved (``state.step ==
+    state.steps``) and Preempted raised; the resumed run evaluates the epoch first.
+    """
+    t = state.trainer
+    broadcast_buffers(t.module, t.info)
+    if t.ema is not None:
+        broadcast_buffers(t.ema.module, t.info)
+    try:
+        m = evaluate(model, loader, t.info, t.amp_dtype, cfg.print_freq, max_batches=cfg.val_steps, preempt=preempt)
+        if t.ema is not None:
+            m["ema_val_top1"] = evaluate(t.ema.module, loader, t.info, t.amp_dtype, max_batches=cfg.val_steps,
+                                         preempt=preempt)["val_top1"]
+    except Preempted:
+        state.save(saver)
+        raise
+    return m
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, info: DistInfo, amp_dtype: Optional[torch.dtype] = None,
-             print_freq: int = 0, label_map: Optional[torch.Tensor] = None) -> dict:
-    """Top-1, top-5 and mean cross-entropy over the whole validation set (``label_map``: loader label ->
-    model output index, for folders that hold only some of the model's classes).
+             print_freq: int = 0, label_map: Optional[torch.Tensor] = None, max_batches: int = 0,
+             preempt: Optional[PreemptionFlag] = None) -> dict:
+    """Top-1, top-5 and mean cross-entropy over the validation set (``label_map``: loader label -> model
+    output index, for folders that hold only some of the model's classes; ``max_batches`` > 0: only the first
+    that many batches of each rank, train.val_steps).
 
     Each rank sums over its own shard (the loaders give every image to exactly one rank, the last batch
     possibly smaller), then one all-reduce adds the sums: no image is counted twice or dropped.
+    With ``preempt``, the ranks agree on a pending signal every ``preempt.poll_every`` batches and raise
+    Preempted on one. The ranks' batch counts can differ by one, so the polls stop at the smallest count:
+    a poll at a batch that one rank never reaches would leave the others waiting in it.
     """
     model.eval()
+    batches = len(loader) if max_batches <= 0 else min(len(loader), max_batches)
+    polled = min_over_ranks(batches, info) if preempt is not None else 0
     sums = torch.zeros(3, device=info.device, dtype=torch.float64)   # loss, top-1 hits, top-5 hits
     n = 0   # images, counted on the host: a device tensor made per batch would be a copy (and a sync) each
     for i, (images, labels) in enumerate(loader):
+        if i == batches:
+            break
         if label_map is not None:
             labels = label_map[labels]
         with autocast(info.device, amp_dtype):
@@ -270,7 +415,9 @@ def evaluate(model: nn.Module, loader, info: DistInfo, amp_dtype: Optional[torch
         sums += torch.cat([loss.double()[None], correct_topk(output, labels).double()])
         n += labels.shape[0]
         if print_freq and (i + 1) % print_freq == 0 and info.is_main:
-            print(f"  eval batch {i + 1}/{len(loader)}  (rank 0: {n} images so far)", flush=True)
+            print(f"  eval batch {i + 1}/{batches}  (rank 0: {n} images so far)", flush=True)
+        if preempt is not None and (i + 1) % preempt.poll_every == 0 and i + 1 <= polled and preempt.agreed(info):
+            raise Preempted(preempt.signal_name)
     loss, top1, top5, n = all_reduce_sum(torch.cat([sums, sums.new_tensor([n])]), info).tolist()
     if n == 0:
         raise RuntimeError("the validation loader yielded no images")

@@ -1,9 +1,12 @@
 """Top-5 ImageNet predictions of a trained FD-MobileNet for image files.
 
-    python -m fdmobilenet.predict --checkpoint 0.25x-FDMobileNet-224.pth.tar --model 0.25 cat.jpg [--json]
+    python -m fdmobilenet.predict --checkpoint 0.25x-FDMobileNet-224.pth.tar [--model 0.25] cat.jpg [--json]
 
-Images get the evaluation preprocessing of training (DataConfig's val_resize / val_crop / mean / std, via the
-torchvision loader's transform): RGB, shorter side resized to 256, centre crop 224, ImageNet normalisation.
+Without --model the width and class count are the checkpoint's (its stored config, else its tensor shapes).
+Images are read as the torchvision loader reads them (turned upright by their EXIF orientation, as DALI
+does) and get the evaluation preprocessing of training (DataConfig's val_resize / val_crop / mean / std):
+RGB, shorter side resized to 256, centre crop 224, ImageNet normalisation. Class names are ImageNet's for a
+1000-class model, else the output index. Exit codes: 0; 2 an unreadable image or checkpoint (one line).
 """
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ import torchvision
 from PIL import Image
 from torchvision.transforms.functional import normalize
 
-from pipelines.torchvision_loader import val_transform
+from pipelines.torchvision_loader import open_rgb, val_transform
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
-from .config import ConfigError, DataConfig, load_model_ref
+from . import cli
+from .checkpoint import load_checkpoint, load_weights, model_config
+from .config import DataConfig, load_model_ref
 from .model import FDMobileNet
+
+PROG = "predict"
 
 SAMPLE_CAT = "skimage.data.chelsea()"
 TOP_K = 5
@@ -38,8 +44,7 @@ def imagenet_classes() -> list[str]:
 
 def read_image(path: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        return open_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {path}: {e} (give a JPEG/PNG/... image file)") from e
 
@@ -53,11 +58,27 @@ def sample_cat() -> Image.Image:
     return Image.fromarray(data.chelsea()).convert("RGB")
 
 
-def load_model(checkpoint: str, model_ref: str) -> FDMobileNet:
-    cfg = load_model_ref(model_ref)
-    model = FDMobileNet(cfg.width_mult, num_classes=len(imagenet_classes()))
-    load_weights(model, load_checkpoint(checkpoint), checkpoint)
+def load_model(checkpoint: str, model_ref: Optional[str] = None) -> FDMobileNet:
+    """The checkpoint's model: ``model_ref`` (a width or a model config) or, without it, the checkpoint's."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg, num_classes = model_config(ckpt, checkpoint)
+    if model_ref is not None:
+        cfg = load_model_ref(model_ref)
+    model = FDMobileNet(cfg.width_mult, num_classes=num_classes)
+    load_weights(model, ckpt, checkpoint)
     return model.eval()
+
+
+def class_names(num_classes: int) -> list[str]:
+    """ImageNet's names for a 1000-class model; the output index otherwise (the class folder names of the
+    data a model was trained on are not stored with it)."""
+    return imagenet_classes() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
+
+
+def preprocess(images: Sequence[Image.Image], data: DataConfig) -> torch.Tensor:
+    """The model's input batch: the evaluation transform of ``data`` (as the torchvision val loader's)."""
+    transform = val_transform(data)
+    return torch.stack([normalize(transform(img).float().div(255), data.mean, data.std) for img in images])
 
 
 @torch.no_grad()
@@ -65,10 +86,7 @@ def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: Optiona
             k: int = TOP_K) -> list[list[tuple[int, float]]]:
     """(class index, probability) of the ``k`` most likely classes per image; ``data`` gives the eval
     preprocessing (default: DataConfig's, i.e. ImageNet's)."""
-    data = data or DataConfig()
-    transform = val_transform(data)
-    batch = torch.stack([normalize(transform(img).float().div(255), data.mean, data.std) for img in images])
-    probs = model(batch).softmax(dim=1)
+    probs = model(preprocess(images, data or DataConfig())).softmax(dim=1)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [[(int(i), float(p)) for i, p in zip(idx, prob)] for idx, prob in zip(top.indices, top.values)]
 
@@ -78,8 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m fdmobilenet.predict",
         description="Print the top-5 ImageNet classes (index, name, probability) of each image.")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint (.pth.tar)")
-    parser.add_argument("--model", required=True,
-                        help="model config (a name in configs/model/ or a path) or a plain width such as 0.25")
+    parser.add_argument("--model", help="model config (a name in configs/model/ or a path) or a plain width "
+                                        "such as 0.25 (default: the checkpoint's)")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
     parser.add_argument("--sample-cat", action="store_true", help=f"also classify {SAMPLE_CAT} (scikit-image)")
     parser.add_argument("--json", action="store_true",
@@ -92,10 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.sample_cat:
             named.append((SAMPLE_CAT, sample_cat()))
         model = load_model(args.checkpoint, args.model)
-    except (ImageError, CheckpointError, ConfigError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 1
-    classes = imagenet_classes()
+    except (ImageError, *cli.USER_ERRORS) as e:
+        cli.report(PROG, e)
+        return cli.EXIT_USAGE
+    classes = class_names(model.num_classes)
     results = [{"image": name, "top5": [{"index": i, "name": classes[i], "prob": p} for i, p in top]}
                for (name, _), top in zip(named, predict(model, [img for _, img in named]))]
     if args.json:

@@ -19,6 +19,18 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
 TORCHRUN=("$PYTHON" -m torch.distributed.run "--signals-to-handle=$SIGNALS_TO_HANDLE"
           "--shutdown-timeout=$SHUTDOWN_TIMEOUT" "--max-restarts=${MAX_RESTARTS:-0}")
 
+# Pre-flight: `train_ddp.py --check` in one plain process before any worker starts (fdmobilenet/preflight.py):
+# config, data folders, global batch vs the planned world size(s), the checkpoint it would resume from. A
+# mistake there exits 2 with one line, and the launcher exits with that code: torchrun --max-restarts
+# restarts a failing worker whatever its exit code, and SLURM would requeue, so the same mistake would run
+# (and fail) again and again. Exit codes of a launcher: 0 done (or preempted workers, see below); 2 a
+# mistake in the command, its config or its files (the one line says which), nothing started; 1 a worker
+# crashed (its traceback is in the log) or torchrun itself was signalled.
+preflight() {  # $1 = planned world size(s), comma-separated; then the trainer's arguments
+  local world=$1; shift
+  "$PYTHON" "$TRAIN" --check --world-size "$world" "$@"
+}
+
 # Processes per node: one per visible GPU (CUDA_VISIBLE_DEVICES honoured), else 2 CPU processes on gloo.
 gpus_per_node() {
   if [[ -n ${CUDA_VISIBLE_DEVICES+x} ]]; then

@@ -8,11 +8,13 @@
 # PYTHON, TRAIN, plus the NCCL knobs in launch/common.sh.
 # Exit code: 0 when the run is done, and also when only the workers got SIGTERM/SIGUSR1 (they checkpoint at
 # the next agreed step, print "preempted ... checkpoint saved" and exit 0: run the command again to resume);
+# 2 when the pre-flight (train_ddp.py --check, launch/common.sh) found a mistake: one line, no worker started;
 # 1 when a worker failed, or when torchrun itself was signalled (it re-raises the signal after its workers
 # have checkpointed and exited; the "preempted" line tells the two apart).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(omp_threads_for "$NPROC_PER_NODE")}
+preflight "$NPROC_PER_NODE" "$@" || exit $?
 # --standalone: a private c10d store on a free local port, so two local jobs never collide.
 exec "${TORCHRUN[@]}" --standalone --nnodes=1 "--nproc-per-node=$NPROC_PER_NODE" "$TRAIN" "$@"

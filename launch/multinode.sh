@@ -11,10 +11,11 @@
 #
 # Elasticity: MAX_RESTARTS (default 3) restarts all workers of all nodes after a worker crash; the trainer
 # resumes from checkpoints/{label}.pth.tar. --nnodes may be a range MIN:MAX (torchrun's elastic form).
-# Exit code: 0 done; 1 from torchrun when a worker failed or when torchrun was signalled (the workers then
-# checkpoint first and log "preempted"; run the same command again to resume); 2 for a usage error, or when
-# this node cannot resolve the endpoint's host or lacks an interface named in GLOO_SOCKET_IFNAME /
-# NCCL_SOCKET_IFNAME (launch/common.sh check_node_network: one line naming the node and what to set).
+# Exit code: 0 done; 2 the pre-flight found a mistake (one line; no worker started on this node), or this node
+# cannot resolve the endpoint's host or lacks an interface named in GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
+# (launch/common.sh check_node_network: one line naming the node and what to set), or a usage error; 1 from
+# torchrun when a worker failed or when torchrun was signalled (the workers then checkpoint first and log
+# "preempted"; run the same command again to resume).
 set -euo pipefail
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -45,5 +46,9 @@ fi
 check_node_network "${RDZV_ENDPOINT%:*}" "$NNODES" || exit 2   # names and interfaces, before torchrun
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(omp_threads_for "$NPROC_PER_NODE")}
+# every world size the job may run at: NNODES, or each node count of an elastic MIN:MAX range
+worlds=()
+for (( n = ${NNODES%%:*}; n <= ${NNODES##*:}; n++ )); do worlds+=("$(( n * NPROC_PER_NODE ))"); done
+preflight "$(IFS=,; echo "${worlds[*]}")" "$@" || exit $?
 exec "${TORCHRUN[@]}" "--nnodes=$NNODES" "--nproc-per-node=$NPROC_PER_NODE" \
   --rdzv-backend=c10d "--rdzv-endpoint=$RDZV_ENDPOINT" "--rdzv-id=$JOB_ID" "$TRAIN" "$@"

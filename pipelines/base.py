@@ -235,12 +235,16 @@ def refuse_cut_short_jpegs(items: list[Member], where: Path, fix: str) -> None:
     damaged image. The CPU decoder (libjpeg-turbo) fails on it, and DALI then names the file (see
     pipelines.dali), but only when the epoch reaches it. The check reads two small pieces of each file,
     in threads (I/O bound)."""
-    def check(chunk):
-        return [name for name, path, offset, size in chunk if jpeg_cut_short(path, offset, size)]
+    def check(chunk):   # (name, empty) of the cut-short ones; a 0-byte file is empty, not truncated
+        return [(name, (os.path.getsize(path) if size is None else size) == 0)
+                for name, path, offset, size in chunk if jpeg_cut_short(path, offset, size)]
 
     chunks = [items[i:i + 512] for i in range(0, len(items), 512)]
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(chunks)))) as pool:
-        bad = sorted(name for found in pool.map(check, chunks) for name in found)
+        bad = sorted(found for founds in pool.map(check, chunks) for found in founds)
+    kinds = [(what, [name for name, empty in bad if empty == is_empty])
+             for what, is_empty in (("truncated JPEG(s)", False), ("empty file(s) (0 bytes)", True))]
     if bad:
-        raise CorruptImageError(f"{len(bad)} truncated JPEG(s) in {where}: {', '.join(bad[:10])}"
-                                f"{' ...' if len(bad) > 10 else ''}; {fix}")
+        raise CorruptImageError("; ".join(f"{len(names)} {what} in {where}: {', '.join(names[:10])}"
+                                          f"{' ...' if len(names) > 10 else ''}" for what, names in kinds if names)
+                                + f"; {fix}")

@@ -3,19 +3,45 @@
 Workers decode and augment with PIL and hand over uint8 CHW tensors (a quarter of the bytes of float32);
 the conversion to float, the mean/std normalisation, the dtype and channels_last happen after the
 (non-blocking, pinned) transfer to the device, on the GPU when there is one.
+
+Images are turned upright by their EXIF orientation (:func:`open_rgb`), as DALI's decoders do, and a file
+that does not decode is a CorruptImageError naming it and the fix, as in the DALI loader.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Iterator
 
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, folder_samples, image_dtype, shard_bounds, split_dir, train_steps
+from pipelines.base import (BatchLoader, CorruptImageError, folder_samples, image_dtype, shard_bounds, split_dir,
+                            train_steps)
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """An image file as RGB, turned by its EXIF orientation tag as a viewer (and DALI's decoder) shows it:
+    a phone photo stored sideways with orientation 6 comes out upright. PIL's own errors pass through."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def load_image(path: str, folder: str) -> Image.Image:
+    """ImageFolder's loader: :func:`open_rgb`, with a file that does not decode reported as the DALI loader
+    reports it (``folder``: the split, for the message)."""
+    try:
+        return open_rgb(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
+        what = "empty file, 0 bytes" if os.path.getsize(path) == 0 else f"truncated or corrupt image: {e}"
+        raise CorruptImageError(f"cannot decode {path} ({what}) while reading {folder}; replace or delete it, or "
+                                f"set data.on_corrupt=skip; `python -m pipelines.verify {folder}` lists every "
+                                f"bad file") from e
 
 
 def train_transform(data: DataConfig) -> T.Compose:
@@ -40,7 +66,8 @@ class CheckedImageFolder(ImageFolder):
 
     def __init__(self, data: DataConfig, split: str, transform):
         self._checked = folder_samples(data, split)[1]
-        super().__init__(str(split_dir(data, split)), transform)
+        folder = str(split_dir(data, split))
+        super().__init__(folder, transform, loader=functools.partial(load_image, folder=folder))
 
     def make_dataset(self, *args, **kwargs) -> list[tuple[str, int]]:
         return self._checked
@@ -72,9 +99,12 @@ class TorchvisionLoader(BatchLoader):
             self._steps = math.ceil(self.num_samples / batch_size)
             # a contiguous, unpadded slice per rank: the split DALI's val uses
             self.sampler = range(begin, end)
+        # val: a generator of its own, because starting an iterator draws the workers' base seed from it -
+        # from torch's global generator by default, so evaluating would shift the training augmentations
+        # that follow (and a resumed run, whose evaluation may have been cut short, would not repeat them)
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
                                   num_workers=data.num_threads, persistent_workers=data.num_threads > 0,
-                                  pin_memory=device.type == "cuda",
+                                  pin_memory=device.type == "cuda", generator=None if train else torch.Generator(),
                                   prefetch_factor=data.prefetch_queue_depth if data.num_threads > 0 else None)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(data.mean, device=device).view(shape) * 255
@@ -88,9 +118,14 @@ class TorchvisionLoader(BatchLoader):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, (images, labels) in enumerate(self._loader):
-            if step == self._steps:
-                break
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            images = ((images.float() - self._mean) / self._std).to(self.dtype)
-            yield images, labels.to(self.device, non_blocking=True)
+        try:
+            for step, (images, labels) in enumerate(self._loader):
+                if step == self._steps:
+                    break
+                images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                images = ((images.float() - self._mean) / self._std).to(self.dtype)
+                yield images, labels.to(self.device, non_blocking=True)
+        except CorruptImageError as e:
+            # From a worker process the DataLoader re-raises it with the worker's traceback in the message;
+            # the message itself is its last line.
+            raise CorruptImageError(str(e).rsplit("CorruptImageError: ", 1)[-1].strip()) from None

@@ -1,6 +1,8 @@
 """Bad input, end to end through train_ddp.py / evaluate.py (real subprocesses, real files): each case stops
 with a clear error that names the file / key / value and says what to do, and loses nothing — the run's
-last good checkpoint is byte-for-byte the same afterwards (sha256 before/after).
+last good checkpoint is byte-for-byte the same afterwards (sha256 before/after). A user's mistake is one
+line `train_ddp.py: ...` (or `evaluate.py: ...`), printed once, without a traceback, with exit code 2
+(fdmobilenet/cli.py); the launchers find the same mistakes in their pre-flight before starting torchrun.
 
 The loader's and checkpoint module's own unit tests live with them (test_pipelines_*, test_checkpoint); these
 are the user-facing checks. Each run is one plain CPU process on the 32 px digits, a few seconds.
@@ -18,7 +20,7 @@ import torch
 
 from fdmobilenet.checkpoint import load_checkpoint, save_checkpoint
 from fdmobilenet.model import FDMobileNet
-from launch_support import REPO, build_digits, env, run_words, sha256
+from launch_support import LAUNCH, REPO, build_digits, env, run, run_words, sha256
 
 STEPS = 2
 
@@ -60,11 +62,20 @@ def assert_fails(p: subprocess.CompletedProcess, *needles: str) -> str:
     return text
 
 
+def assert_user_error(p: subprocess.CompletedProcess, *needles: str, prog: str = "train_ddp.py") -> str:
+    """A user's mistake: exit 2, no traceback, and exactly one line `prog: ...` that holds every needle."""
+    text = assert_fails(p, *needles)
+    assert p.returncode == 2 and "Traceback" not in text, f"exit {p.returncode}:\n{text[-3000:]}"
+    lines = [line for line in text.splitlines() if line.startswith(f"{prog}: ")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), text[-3000:]
+    return lines[0]
+
+
 # ------------------------------------------------------------------------------------------------- data
 def test_missing_data_dir(good_checkpoint, tmp_path):
     before = resumable(good_checkpoint, tmp_path, "run")
     p = train(tmp_path / "no-such-dir", tmp_path, "run", "optim.epochs=2")
-    assert_fails(p, f"data folder {tmp_path / 'no-such-dir'}", "not found", "Set data.root")
+    assert_user_error(p, f"data folder {tmp_path / 'no-such-dir'}", "not found", "Set data.root")
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
@@ -75,7 +86,7 @@ def test_empty_class_folder(digits, good_checkpoint, tmp_path):
         f.unlink()
     before = resumable(good_checkpoint, tmp_path, "run")
     p = train(root, tmp_path, "run", "optim.epochs=2")
-    assert_fails(p, "empty class folder", str(root / "train" / "3"), "Add images or remove the folder")
+    assert_user_error(p, "empty class folder", str(root / "train" / "3"), "Add images or remove the folder")
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
@@ -90,7 +101,7 @@ def test_corrupt_jpeg_is_named(digits, good_checkpoint, tmp_path, damage):
     victim.write_bytes(data[: len(data) // 3] if damage == "truncated" else os.urandom(len(data)))
     before = resumable(good_checkpoint, tmp_path, "run")
     p = train(root, tmp_path, "run", "optim.epochs=2", *([] if damage == "truncated" else ["train.steps_per_epoch=0"]))
-    assert_fails(p, str(victim), "replace or delete", "data.on_corrupt=skip")
+    assert_user_error(p, str(victim), "replace or delete", "data.on_corrupt=skip")
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
@@ -101,7 +112,7 @@ def test_unknown_config_key_names_the_file_and_the_key(digits, good_checkpoint, 
                         .replace("hflip: false", "hflipp: false"))
     before = resumable(good_checkpoint, tmp_path, "run")
     p = train(digits, tmp_path, "run", "--data", str(data_cfg))
-    assert_fails(p, str(data_cfg), "unknown key 'data.hflipp'", "did you mean 'hflip'")
+    assert_user_error(p, str(data_cfg), "unknown key 'data.hflipp'", "did you mean 'hflip'")
     assert "Traceback" not in p.stderr          # a config mistake is a message, not a crash
     assert sha256(tmp_path / "run.pth.tar") == before
 
@@ -109,14 +120,15 @@ def test_unknown_config_key_names_the_file_and_the_key(digits, good_checkpoint, 
 def test_wrong_type_names_the_key_and_the_value(digits, good_checkpoint, tmp_path):
     before = resumable(good_checkpoint, tmp_path, "run")
     p = train(digits, tmp_path, "run", "optim.lr=fast")
-    assert_fails(p, "key 'optim.lr': expected a number (float), got 'fast'")
+    assert_user_error(p, "key 'optim.lr': expected a number (float), got 'fast'")
     assert "Traceback" not in p.stderr
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
 def test_per_rank_batch_larger_than_the_shard(digits, tmp_path):
     p = train(digits, tmp_path, "big", "optim.batch_size=2000", "optim.base_batch_size=2000")
-    assert_fails(p, "per-rank batch size 2000 is larger than", "1438 training images", "use a smaller optim.batch_size")
+    assert_user_error(p, "per-rank batch size 2000 is larger than", "1438 training images",
+                      "use a smaller optim.batch_size")
     assert not (tmp_path / "big.pth.tar").exists()
 
 
@@ -127,9 +139,9 @@ def test_checkpoint_of_another_width(digits, good_checkpoint, tmp_path):
     save_checkpoint(ck, tmp_path / "run.pth.tar")
     before = sha256(tmp_path / "run.pth.tar")
     p = train(digits, tmp_path, "run", "optim.epochs=2")
-    assert_fails(p, f"checkpoint {tmp_path / 'run.pth.tar'} does not fit the model",
-                 "features.conv_0.weight has shape (16, 3, 3, 3) in the checkpoint but (8, 3, 3, 3) in the model",
-                 "width_mult")
+    assert_user_error(p, f"checkpoint {tmp_path / 'run.pth.tar'} does not fit the model",
+                      "features.conv_0.weight has shape (16, 3, 3, 3) in the checkpoint but (8, 3, 3, 3) in the model",
+                      "width_mult", "start over with --fresh", "or use a new --label")
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
@@ -137,7 +149,7 @@ def test_truncated_checkpoint(digits, good_checkpoint, tmp_path):
     data = good_checkpoint.read_bytes()
     (tmp_path / "run.pth.tar").write_bytes(data[: len(data) // 2])
     p = train(digits, tmp_path, "run", "optim.epochs=2")
-    assert_fails(p, f"checkpoint {tmp_path / 'run.pth.tar'} is truncated or corrupt", "use an earlier checkpoint")
+    assert_user_error(p, f"checkpoint {tmp_path / 'run.pth.tar'} is truncated or corrupt", "use an earlier checkpoint")
     assert (tmp_path / "run.pth.tar").read_bytes() == data[: len(data) // 2]   # not replaced by a fresh start
 
 
@@ -155,11 +167,11 @@ def test_crafted_pickle_checkpoint_is_refused_by_train_and_evaluate(digits, tmp_
     evil = tmp_path / "run.pth.tar"
     torch.save({"state_dict": FDMobileNet(0.25, num_classes=10).state_dict(), "epoch": Payload(marker)}, evil)
     refused = "contains objects that are not plain tensors/containers"
-    assert_fails(train(digits, tmp_path, "run", "--resume"), f"checkpoint {evil}", refused, "it was not loaded")
+    assert_user_error(train(digits, tmp_path, "run", "--resume"), f"checkpoint {evil}", refused, "it was not loaded")
     p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(evil), f"data.root={digits}",
                         "data.val_resize=36", "data.val_crop=32"], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=60)
-    assert_fails(p, f"checkpoint {evil}", refused)
+    assert_user_error(p, f"checkpoint {evil}", refused, prog="evaluate.py")
     assert not marker.exists(), "the pickled payload ran"
 
 
@@ -172,6 +184,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(digit
               "train.print_freq=100", faults={"nan_at_step": 3})
     assert_fails(p, "NonFiniteLossError: training loss is NaN/Inf in epoch 2, at global step 3 (counted from 0)",
                  "the last checkpoint is the last good state", "Lower optim.lr")
+    assert p.returncode == 1 and "Traceback" in p.stderr     # not a mistake in the command: a crash, exit 1
     assert sha256(tmp_path / "run.pth.tar") == before
     ck = load_checkpoint(tmp_path / "run.pth.tar")
     assert ck["global_step"] == STEPS
@@ -195,14 +208,80 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(digits, good_check
     try:
         before = resumable(good_checkpoint, out, "run")
         p = train(digits, out, "run", "optim.epochs=2")
-        text = assert_fails(p, f"could not write checkpoint {out / 'run.pth.tar'}", "No space left on device",
-                            "the previous file (if any) is unchanged")
-        # the OSError itself is kept as the cause
-        assert "OSError: [Errno 28] No space left on device" in text, text[-3000:]
-        assert "The above exception was the direct cause of the following exception" in text
+        # a full disk is the user's to fix: one line (exit 2) that names the file, the cause and what is kept
+        assert_user_error(p, f"could not write checkpoint {out / 'run.pth.tar'}", "No space left on device",
+                          "the previous file (if any) is unchanged")
         assert sha256(out / "run.pth.tar") == before
         assert load_checkpoint(out / "run.pth.tar")["global_step"] == STEPS        # still loads
         assert not [f.name for f in out.iterdir() if ".tmp" in f.name or f.name.startswith(".")], \
             f"temporary files left behind: {sorted(f.name for f in out.iterdir())}"
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+# ------------------------------------------------------------------------------------------- the command
+@pytest.mark.parametrize("extra, needles", [
+    (["--data", "imagenet-agressive"], ["config file not found: imagenet-agressive", "nearest names: imagenet-aggressive"]),
+    (["train.compile=false"], ["key 'train.compile': expected one of auto, on, off, got False"]),
+    (["--evaluate"], ["--evaluate: no checkpoint", "never-trained.pth.tar", "evaluate.py --checkpoint FILE"]),
+    (["--resume"], ["checkpoint", "never-trained.pth.tar not found", "start over with --fresh"]),
+], ids=["family-typo", "invalid-choice", "evaluate-untrained-label", "resume-missing"])
+def test_command_mistakes_say_what_to_do(digits, tmp_path, extra, needles):
+    assert_user_error(train(digits, tmp_path, "never-trained", *extra), *needles)
+    assert not (tmp_path / "never-trained.pth.tar").exists()
+
+
+def test_bare_width_a_runs_own_config_file_and_a_finished_run(digits, tmp_path):
+    """--model takes a bare width (as evaluate.py, predict and convert_model.py do); the {label}.config.yaml a
+    run writes is a valid --config; running a finished run again says so and leaves its files alone."""
+    p = train(digits, tmp_path, "w", "--model", "0.25")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert load_checkpoint(tmp_path / "w.pth.tar")["name"] == "0.25x-FDMobileNet-224"
+    before = sha256(tmp_path / "w.pth.tar")
+    own = ["--config", str(tmp_path / "w.config.yaml")]
+    again = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *own], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f"train_ddp.py: {tmp_path / 'w.pth.tar'} has completed all 1 epochs (best val top-1 " in again.stdout
+            and "nothing left to do" in again.stdout and "epoch 1/1 step" not in again.stdout)
+    assert sha256(tmp_path / "w.pth.tar") == before
+    scored = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *own, "--evaluate"], cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=60)
+    assert scored.returncode == 0 and f"evaluate {tmp_path / 'w.pth.tar'}: top-1 " in scored.stdout, scored.stderr
+
+
+def test_evaluate_mistakes(good_checkpoint, photo_root):
+    """A 10-class model on a folder of 3 classes: the message says how such a folder is scored; --ema of a
+    file without EMA weights; a checkpoint that does not exist."""
+    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(good_checkpoint),
+                        f"data.root={photo_root}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+    assert_user_error(p, f"{photo_root / 'val'} has 3 class folders but {good_checkpoint} has 10 outputs",
+                      "--labels-from-folder-names", prog="evaluate.py")
+    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(good_checkpoint), "--ema"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+    assert_user_error(p, "--ema:", "holds no EMA weights", prog="evaluate.py")
+    missing = good_checkpoint.parent / "no-such.pth.tar"
+    p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(missing)], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=60)
+    assert_user_error(p, f"checkpoint {missing} not found", prog="evaluate.py")
+
+
+def test_a_mistake_is_reported_once_and_the_launcher_starts_nothing(digits, tmp_path):
+    """Straight torchrun with 2 ranks: both find the missing folder, rank 0 alone reports it. The launcher
+    finds it in its pre-flight before torchrun starts, so MAX_RESTARTS=3 restarts nothing; likewise a global
+    batch that the 2 ranks cannot share."""
+    missing = tmp_path / "no-such-dir"
+    words = run_words(missing, tmp_path, "run", steps=STEPS)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "train_ddp.py"), *words], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and text.count(f"train_ddp.py: data folder {missing}") == 1, text[-3000:]
+    assert "training failed" not in text and "[rank 1]" not in text
+    for root, batch, needle in ((missing, 16, f"train_ddp.py: data folder {missing}"),
+                                (digits, 15, "train_ddp.py: optim.batch_size=15 (global) must divide evenly over 2")):
+        rc, text = run([str(LAUNCH / "local.sh"), *run_words(root, tmp_path, "run", steps=STEPS, batch=batch)],
+                       tmp_path / "launch.log", timeout=120, MAX_RESTARTS="3", NPROC_PER_NODE="2")
+        assert rc == 2 and text.count(needle) == 1, text[-3000:]
+        assert "torch.distributed" not in text and "Traceback" not in text   # torchrun never started
+    assert not (tmp_path / "run.pth.tar").exists()

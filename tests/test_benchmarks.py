@@ -73,7 +73,7 @@ def test_cpu_run_sections_complete(cpu_run):
 
     loaders = {r["loader"] for r in res["pipeline"]["result"]["results"]}
     assert loaders == {"torchvision", "dali"}
-    assert [e["epoch"] for e in res["ddp"]["epochs"]] == [0, 1]
+    assert [e["epoch"] for e in res["ddp"]["epochs"]] == [1, 2]   # train_ddp.py counts epochs from 1
     ovh = res["ddp_overhead"]
     assert [r["world_size"] for r in ovh["rows"]] == [1, 2] and ovh["overhead_pct"] is not None
     assert ovh["rows"][1]["allreduce_ms"] > 0   # one gloo all-reduce of all gradients, timed

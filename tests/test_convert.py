@@ -59,7 +59,7 @@ def test_wrong_width_is_refused_and_nothing_written(tmp_path, capsys):
     training_checkpoint(tmp_path / "train.pth.tar", "module.")
     out = tmp_path / "model.pth.tar"
     assert convert_model.main(["--model", "0.5x-FDMobileNet-224", "--input", str(tmp_path / "train.pth.tar"),
-                               "--output", str(out)]) == 1
+                               "--output", str(out)]) == 2   # exit 2: a user error (fdmobilenet/cli.py)
     err = capsys.readouterr().err
     assert "features.conv_0.weight has shape (8, 3, 3, 3) in the checkpoint but (16, 3, 3, 3)" in err
     assert not out.exists()

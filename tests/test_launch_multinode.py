@@ -54,3 +54,15 @@ def test_two_nodes_of_two_equal_one_node_of_four(digits, tmp_path):
     assert rc == 0 and "4 rank(s) on cpu, batch 4/rank = 16 global" in text, text[-3000:]
 
     assert_same_training(tmp_path / "two-nodes.pth.tar", tmp_path / "one-node.pth.tar", STEPS)
+
+
+def test_a_batch_the_world_cannot_share_is_refused_before_the_rendezvous(digits, tmp_path):
+    """2 nodes x 2 workers (or 1 to 3 nodes: every size is checked) and a global batch of 6: the pre-flight
+    says so and exits 2 on its own, without waiting for the other node at the rendezvous."""
+    for nnodes, needle in (("2", "over 4 ranks"), ("1:3", "over 4 ranks")):
+        words = run_words(digits, tmp_path, "odd", steps=STEPS, batch=6)
+        rc, text = run([str(LAUNCH / "multinode.sh"), "--nnodes", nnodes, "--endpoint", f"127.0.0.1:{free_port()}",
+                        "--job-id", "test-odd", "--nproc-per-node", "2", "--", *words], tmp_path / "odd.log",
+                       timeout=120)
+        assert rc == 2 and f"train_ddp.py: optim.batch_size=6 (global) must divide evenly {needle}" in text, text
+        assert "torch.distributed" not in text

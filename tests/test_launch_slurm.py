@@ -56,3 +56,16 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_the_requeued_job_resum
     "step ended" is logged after the checkpoint is written and before "requeueing", and the requeued job
     resumes at the saved step (see slurm_support.usr1_requeue_resume)."""
     usr1_requeue_resume(slurm, digits, tmp_path, script, slow_save_s=SLOW_SAVE_S)
+
+
+@pytest.mark.parametrize("script", ["slurm.sbatch", "slurm_srun.sbatch"])
+def test_a_mistake_ends_the_job_in_the_preflight_with_exit_2(slurm, tmp_path, script):
+    """A data root that does not exist: the batch shell's pre-flight (train_ddp.py --check) says so in one
+    line and the job fails with exit code 2 before any step - no torchrun, no restart, no requeue."""
+    missing = tmp_path / "no-such-dir"
+    job = slurm.sbatch(script, tmp_path, *run_words(missing, tmp_path, "bad", steps=4))
+    state = slurm.wait(job)
+    out = job_output(tmp_path, job)
+    assert state == f"job {job} FAILED ExitCode=2:0 (exit 1)", f"{state}\n{out[-4000:]}"
+    assert out.count(f"train_ddp.py: data folder {missing}") == 1, out[-4000:]
+    assert "step ended" not in out and "(restart 1)" not in out and "Traceback" not in out

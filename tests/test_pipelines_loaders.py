@@ -109,3 +109,64 @@ def test_build_loader_rejects_bad_arguments(photo_root):
         build_loader(dataclasses.replace(data, loader="ffcv"), "train", 2, device=CPU)
     with pytest.raises(ValueError, match="keeps no reader state"):
         build_loader(data, "train", 2, device=CPU).load_state_dict({"dali": "x"})
+
+
+# ------------------------------------------------------------------------------- orientation, bad files
+def test_exif_orientation_is_applied_like_dali(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (as phone cameras write it) beside the same photo
+    stored upright: DALI's decoder turns it upright, and so must the torchvision loader and predict, or a
+    model trained on DALI batches is served rotated pictures. All three agree as closely as on any image."""
+    import skimage.data
+    from PIL import Image
+
+    from fdmobilenet.predict import preprocess, read_image
+    upright = Image.fromarray(skimage.data.chelsea())              # 451 x 300: rotating it changes the crop
+    (tmp_path / "val" / "c00").mkdir(parents=True)
+    (tmp_path / "val" / "c01").mkdir()
+    upright.save(tmp_path / "val" / "c00" / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6                     # "rotate 90 degrees clockwise to display"
+    sideways = tmp_path / "val" / "c01" / "sideways.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=95, exif=exif.tobytes())
+    data = small(tmp_path, 2)
+    tv = list(build_loader(data, "val", 2, device=CPU))[0][0]
+    dali = list(build_loader(dataclasses.replace(data, loader="dali"), "val", 2, device=CPU))[0][0]
+    served = preprocess([read_image(str(sideways))], data)[0]
+    assert (dali[1] - dali[0]).abs().mean() < 0.02           # DALI: the sideways file shows the upright photo
+    assert (tv[1] - tv[0]).abs().mean() < 0.02               # so does the torchvision loader
+    assert (tv[1] - dali[1]).abs().mean() < 0.02             # the two loaders agree on it
+    torch.testing.assert_close(served, tv[1], rtol=0, atol=1e-5)   # predict's input is the loader's
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_torchvision_names_an_undecodable_file_like_dali(photo_root, tmp_path, workers):
+    """Random bytes under a .jpg name pass the up-front truncation check (not a JPEG: not judged there) and
+    fail in decoding: a CorruptImageError that names the file and the fix, one line, also from a worker."""
+    import shutil
+
+    from pipelines import CorruptImageError
+    root = tmp_path / "data"
+    shutil.copytree(photo_root, root)
+    victim = root / "val" / "c01" / "garbage.jpg"
+    victim.write_bytes(b"\x00not an image at all" * 50)
+    loader = build_loader(small(root, 3, num_threads=workers), "val", 4, device=CPU)
+    with pytest.raises(CorruptImageError) as e:
+        list(loader)
+    message = str(e.value)
+    assert message.startswith(f"cannot decode {victim} (truncated or corrupt image: ") and "\n" not in message
+    assert "replace or delete it, or set data.on_corrupt=skip" in message and "pipelines.verify" in message
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_zero_byte_file_is_called_empty(photo_root, tmp_path, loader):
+    import shutil
+
+    from pipelines import CorruptImageError
+    root = tmp_path / "data"
+    shutil.copytree(photo_root, root)
+    victim = root / "train" / "c00" / "empty.jpg"
+    victim.write_bytes(b"")
+    with pytest.raises(CorruptImageError) as e:
+        build_loader(small(root, 3, loader=loader), "train", 2, device=CPU)
+    assert f"1 empty file(s) (0 bytes) in {root / 'train'}: {victim}" in str(e.value)
+    assert "truncated" not in str(e.value)

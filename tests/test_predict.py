@@ -51,14 +51,29 @@ def test_text_output_and_sample_cat(released_weights, capsys):
 def test_unreadable_image_is_named(released_weights, tmp_path, photos, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
-    assert main(["--checkpoint", str(released_weights), "--model", "0.25", str(photos / "chelsea.jpg"), str(bad)]) == 1
+    assert main(["--checkpoint", str(released_weights), "--model", "0.25", str(photos / "chelsea.jpg"), str(bad)]) == 2
     assert f"cannot read image {bad}" in capsys.readouterr().err
-    assert main(["--checkpoint", str(released_weights), "--model", "0.25", str(tmp_path / "missing.jpg")]) == 1
+    assert main(["--checkpoint", str(released_weights), "--model", "0.25", str(tmp_path / "missing.jpg")]) == 2
     assert f"cannot read image {tmp_path / 'missing.jpg'}" in capsys.readouterr().err
 
 
 def test_wrong_width_names_the_checkpoint(released_weights, photos, capsys):
-    assert main(["--checkpoint", str(released_weights), "--model", "1x-FDMobileNet-224",
-                 str(photos / "chelsea.jpg")]) == 1
+    assert main(["--checkpoint", str(released_weights), "--model", "1x-FDMobileNet-224", str(photos / "chelsea.jpg")]) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {released_weights} does not fit the model" in err and "width_mult" in err
+
+
+def test_width_and_classes_come_from_the_checkpoint(released_weights, photos, tmp_path, capsys):
+    """Without --model: the authors' file (no stored config) by its tensor shapes, 0.25x and 1000 classes;
+    a 10-class 0.5x file of this project's format names its classes by output index."""
+    assert main(["--checkpoint", str(released_weights), "--json", str(photos / "chelsea.jpg")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top5"][0]["index"] in CATS
+    import torch
+
+    from fdmobilenet.checkpoint import save_checkpoint
+    from fdmobilenet.model import FDMobileNet
+    torch.manual_seed(0)
+    save_checkpoint({"state_dict": FDMobileNet(0.5, num_classes=10).state_dict()}, tmp_path / "ten.pth.tar")
+    assert main(["--checkpoint", str(tmp_path / "ten.pth.tar"), "--json", str(photos / "coffee.jpg")]) == 0
+    top5 = json.loads(capsys.readouterr().out)[0]["top5"]
+    assert len(top5) == 5 and all(e["name"] == f"class {e['index']}" and e["index"] < 10 for e in top5)

@@ -9,12 +9,14 @@ tells a preemption from a failure. The SLURM requeue path is tested in test_laun
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import time
 
 import pytest
+import torch
 
 from fdmobilenet.checkpoint import load_checkpoint
 from launch_support import LAUNCH, assert_same_state, build_digits, children, global_steps, kill_group, run, \
@@ -117,3 +119,109 @@ def test_sigusr1_to_one_worker_stops_both_at_one_step_and_the_resumed_run_ends_a
                    tmp_path / "straight.log", timeout=180, NPROC_PER_NODE="2")
     assert rc == 0, text[-3000:]
     assert_same_state(tmp_path / "straight.pth.tar", tmp_path / "one.pth.tar")
+
+
+# ------------------------------------------------------------------------------------ during an evaluation
+VAL_STEPS = 1000   # val batches per rank (train.val_steps): an evaluation of several seconds
+
+
+def eval_words(tmp_path, label: str) -> list[str]:
+    """2 epochs of 4 steps on synthetic batches, each followed by an evaluation of VAL_STEPS batches of 8
+    per rank (larger images than in training, so that it takes a while)."""
+    return ["--config", "demo", f"--label={label}", "data.loader=synthetic", "data.crop_size=32",
+            "data.val_crop=96", "optim.batch_size=16", "optim.epochs=2", "train.steps_per_epoch=4",
+            f"train.val_steps={VAL_STEPS}", "train.print_freq=10", f"train.output_dir={tmp_path}",
+            "train.plot=false"]
+
+
+def test_a_signal_during_evaluation_stops_it_saves_the_epoch_and_the_resume_evaluates_it(tmp_path):
+    """SIGUSR1 to both workers while epoch 1 is being evaluated: the ranks agree at an evaluation batch, the
+    trained epoch is saved (step 4 of 4, its evaluation pending) and the job exits 0. Run again, the job
+    evaluates epoch 1 first and goes on; its log rows and final weights are those of a run never stopped."""
+    log = tmp_path / "eval.log"
+    p = start([str(LAUNCH / "local.sh"), *eval_words(tmp_path, "stopped")], log, NPROC_PER_NODE="2")
+    try:
+        wait_for(log, rf"eval batch 20/{VAL_STEPS} ", 180, p)
+        for pid in children(p.pid):
+            os.kill(pid, signal.SIGUSR1)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    ckpt_path = tmp_path / "stopped.pth.tar"
+    assert (f"preempted (SIGUSR1) at epoch 1 step 4, checkpoint saved to {ckpt_path} (the epoch's evaluation "
+            f"runs first on resume)") in text, text[-3000:]
+    evaluated = [int(n) for n in re.findall(rf"eval batch (\d+)/{VAL_STEPS} ", text)]
+    assert 20 <= max(evaluated) < VAL_STEPS                  # abandoned within a few polls, not finished
+    assert evaluated == list(range(10, max(evaluated) + 1, 10))   # progress every print_freq batches, rank 0 only
+    assert "epoch 1 done" not in text and "epoch 2/2 step" not in text
+    ck = load_checkpoint(ckpt_path)
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (0, 4, 4)
+    assert not (tmp_path / "stopped.jsonl").exists()         # no row for the unevaluated epoch
+
+    rc, text = run([str(LAUNCH / "local.sh"), *eval_words(tmp_path, "stopped")], tmp_path / "resume.log",
+                   timeout=240, NPROC_PER_NODE="2")
+    assert rc == 0, text[-3000:]
+    assert (f"resumed from {ckpt_path}: epoch 1 step 4, global step 4, best top-1 0.00% (its steps are done: "
+            f"evaluation first)") in text
+    assert "epoch 1/2 step" not in text and "epoch 2/2 step 4/4" in text and "done: best val top-1" in text
+    assert f"{VAL_STEPS * 8} val images on rank 0" in text          # train.val_steps caps the synthetic val set
+
+    rc, text = run([str(LAUNCH / "local.sh"), *eval_words(tmp_path, "straight")], tmp_path / "straight.log",
+                   timeout=240, NPROC_PER_NODE="2")
+    assert rc == 0, text[-3000:]
+    rows = {label: [json.loads(line) for line in (tmp_path / f"{label}.jsonl").read_text().splitlines()]
+            for label in ("stopped", "straight")}
+    timing = ("img_s", "epoch_time_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows["stopped"]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in rows["straight"]]
+    assert [r["val_images"] for r in rows["straight"]] == [2 * VAL_STEPS * 8] * 2
+    a, b = load_checkpoint(ckpt_path), load_checkpoint(tmp_path / "straight.pth.tar")
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+EVAL_WORKER = """
+import os, signal, sys
+import pipelines
+from fdmobilenet.config import DataConfig
+from fdmobilenet.distributed import init_distributed, shutdown
+from fdmobilenet.engine import Preempted, PreemptionFlag, evaluate
+from fdmobilenet.model import FDMobileNet
+
+info = init_distributed("cpu")
+data = DataConfig(root=sys.argv[1], num_classes=3, loader="torchvision", num_threads=0, val_resize=40, val_crop=32)
+loader = pipelines.build_loader(data, "val", 1, rank=info.rank, world_size=info.world_size, device=info.device)
+model = FDMobileNet(0.25, num_classes=3)
+preempt = PreemptionFlag(poll_every=2)
+m = evaluate(model, loader, info, preempt=preempt)
+print(f"rank {info.rank}: {len(loader)} batches, {m['val_images']} images", flush=True)
+if info.rank == 1:
+    os.kill(os.getpid(), signal.SIGUSR1)          # the signal reaches one rank only
+try:
+    evaluate(model, loader, info, preempt=preempt)
+    print(f"rank {info.rank}: not stopped", flush=True)
+except Preempted as p:
+    print(f"rank {info.rank}: stopped ({p.signal_name})", flush=True)
+shutdown()
+"""
+
+
+def test_evaluation_polls_only_at_batches_every_rank_reaches(photo_root, tmp_path):
+    """7 val images over 2 ranks at batch 1: 3 batches on rank 0, 4 on rank 1. With a poll every 2 batches,
+    a poll at batch 4 would wait for rank 0 forever (it is already summing up); the polls stop at the
+    smallest count. A signal on rank 1 alone stops both at batch 2."""
+    import subprocess
+    import sys
+    worker = tmp_path / "eval_worker.py"
+    worker.write_text(EVAL_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(worker), str(photo_root)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    for line in ("rank 0: 3 batches, 7 images", "rank 1: 4 batches, 7 images",
+                 "rank 0: stopped (signal on another rank)", "rank 1: stopped (SIGUSR1)"):
+        assert line in p.stdout, p.stdout + p.stderr

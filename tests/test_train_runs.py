@@ -17,7 +17,9 @@ import torch
 
 from fault_plugin import fault_env
 from fdmobilenet.checkpoint import load_checkpoint
+from fdmobilenet.config import load_experiment
 from fdmobilenet.model import FDMobileNet
+from fdmobilenet.optim import lr_multiplier, scaled_lr
 from launch_support import assert_same_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +91,7 @@ def test_resume_is_exact_at_epoch_boundary_and_mid_epoch(digits, tmp_path):
 
     # logs: one row per epoch (the resumed runs rewrote, not duplicated, theirs), the config with the commit
     rows = [json.loads(line) for line in (tmp_path / "mid.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]          # counted from 1, as on the console
     assert (tmp_path / "mid.csv").read_text().count("\n") == 3
     assert "git_commit" in (tmp_path / "mid.config.yaml").read_text()
 
@@ -144,6 +146,50 @@ def test_two_rank_dali_mid_epoch_resume_with_warmup_and_cosine_is_exact(digits, 
     assert list(after) == [9, 10, 11, 12]
     assert after == {step: logged for step, logged in logged_steps(straight).items() if step > 8}
     assert_same_state(tmp_path / "straight.pth.tar", tmp_path / "mid.pth.tar")
+
+
+def test_two_ranks_log_the_numbers_of_the_model_they_save(digits, tmp_path):
+    """The digits demo on 2 gloo ranks under torchrun (DALI CPU graph), 3 epochs, with an EMA. The logged best
+    epoch's val top-1 / top-5 / loss (and EMA top-1) are what evaluate.py measures on the saved best
+    checkpoint with the same 2 ranks, loader and batch: every rank evaluates with rank 0's BatchNorm
+    statistics, the ones in the file. The logs count epochs from 1 and show each epoch's last lr."""
+    words = ["--config", "demo", "--label=two", f"data.root={digits}", "data.crop_size=32", "data.val_resize=36",
+             "data.val_crop=32", "optim.epochs=3", "optim.ema_decay=0.9", f"train.output_dir={tmp_path}"]
+    out = ok(run("train_ddp.py", *words, nproc=2))
+    rows = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_top1"])      # the first of equals, as the trainer picks it
+    best_file = tmp_path / "two_best.pth.tar"
+    for flags in ([], ["--ema"]):
+        e = ok(run("evaluate.py", "--checkpoint", str(best_file), "--batch-size", "32", *flags, nproc=2))
+        m = re.search(r"top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)  \(359 images\)", e)
+        assert m, e
+        if flags:
+            assert float(m.group(1)) == pytest.approx(best["ema_val_top1"], abs=0.01)
+        else:
+            assert float(m.group(1)) == pytest.approx(best["val_top1"], abs=0.01)
+            assert float(m.group(2)) == pytest.approx(best["val_top5"], abs=0.01)
+            assert float(m.group(3)) == pytest.approx(best["val_loss"], abs=1e-3)
+    assert f"done: best val top-1 {best['val_top1']:.2f}% at epoch {best['epoch']}" in out
+    assert load_checkpoint(best_file)["epoch"] == best["epoch"]   # epochs completed = the 1-based epoch
+
+    # logs: epochs 1..3; the lr column is that of the epoch's last step (22 steps of 64 of the 1,438 digits);
+    # step lines carry the epoch's running averages; TensorBoard and the curves are written
+    cfg = load_experiment("demo", overrides=["optim.epochs=3"])
+    lr_at = lr_multiplier(cfg.optim, cfg.sched, 22)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([scaled_lr(cfg.optim) * lr_at(e * 22 - 1) for e in (1, 2, 3)])
+    assert re.search(r"epoch 2/3 step 10/22  loss \d\.\d{4} \(\d\.\d{4}\)  top1 +[\d.]+% \( *[\d.]+%\)", out), out
+    assert list((tmp_path / "tb" / "two").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (tmp_path / "two.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory column is CUDA's max_memory_allocated")
+def test_step_lines_show_gpu_memory_on_cuda(tmp_path):
+    out = ok(run("train_ddp.py", "--config", "demo", "data.loader=synthetic", "optim.epochs=1",
+                 "train.steps_per_epoch=4", "train.val_steps=2", "train.print_freq=2", "train.compile=off",
+                 f"train.output_dir={tmp_path}"))
+    assert re.search(r"epoch 1/1 step 4/4 .* max mem \d+\.\d\d GiB", out), out
+
 
 
 def test_a_raising_rank_ends_the_torchrun_job_quickly(tmp_path):
@@ -225,3 +271,10 @@ def test_evaluate_released_weights_on_real_photos(released_weights, tmp_path):
     m = re.search(r"top-1 ([\d.]+)%  top-5 ([\d.]+)%  loss ([\d.]+)  \((\d+) images\)", out)
     assert m, out
     assert (float(m.group(1)), float(m.group(2)), int(m.group(4))) == (pytest.approx(66.67, abs=0.01), 100.0, 3)
+    # without --model the width comes from the file's tensor shapes (it stores no config): the same result
+    alone = ok(run("evaluate.py", "--checkpoint", str(released_weights), "--data", "imagenet-aggressive",
+                   "--labels-from-folder-names", f"data.root={tmp_path}"))
+    assert m.group(0) in alone
+    # without --labels-from-folder-names, 3 folders against 1000 outputs: the message names the flag
+    p = run("evaluate.py", "--checkpoint", str(released_weights), "--data", "imagenet-aggressive", f"data.root={tmp_path}")
+    assert p.returncode == 2 and "--labels-from-folder-names" in p.stderr and "Traceback" not in p.stderr

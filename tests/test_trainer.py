@@ -201,15 +201,173 @@ def test_run_logger_files_and_resume_truncation(tmp_path):
 
     from fdmobilenet.logs import RunLogger
     log = RunLogger(str(tmp_path), "r", enabled=True)
-    log.epoch({"epoch": 0, "lr": 0.1, "train_loss": 2.0, "train_top1": 10.0, "img_s": 5.0, "epoch_time_s": 1.0})
-    log.epoch({"epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_top1": 50.0, "img_s": 5.0, "epoch_time_s": 1.0,
+    log.epoch({"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_top1": 10.0, "img_s": 5.0, "epoch_time_s": 1.0})
+    log.epoch({"epoch": 2, "lr": 0.1, "train_loss": 1.0, "train_top1": 50.0, "img_s": 5.0, "epoch_time_s": 1.0,
                "val_loss": 1.2, "val_top1": 40.0, "val_top5": 90.0, "val_images": 10})
-    log.epoch({"epoch": 2, "lr": 0.01, "train_loss": 0.5, "train_top1": 80.0, "img_s": 5.0, "epoch_time_s": 1.0})
+    log.epoch({"epoch": 3, "lr": 0.01, "train_loss": 0.5, "train_top1": 80.0, "img_s": 5.0, "epoch_time_s": 1.0})
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert [r["val_top1"] for r in rows] == ["", "40.0", ""]
+    # epochs are counted from 1 in the files, as on the console; start_epoch = epochs completed
     resumed = RunLogger(str(tmp_path), "r", enabled=True, start_epoch=2)
-    assert [json.loads(line)["epoch"] for line in open(tmp_path / "r.jsonl")] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "r.jsonl")] == [1, 2]
     assert len(list(csv.DictReader(open(tmp_path / "r.csv")))) == 2
     assert resumed.close(plot=True) == tmp_path / "r.png" and (tmp_path / "r.png").stat().st_size > 0
     assert RunLogger(str(tmp_path / "other"), "r", enabled=False).write_config({}, {}) is None   # rank > 0
     assert not (tmp_path / "other").exists()
+
+
+# ------------------------------------------------------------------------------------- run state, checkpoints
+@pytest.fixture
+def preempt():
+    """A PreemptionFlag, with this process's SIGTERM / SIGUSR1 handlers put back afterwards."""
+    import signal
+
+    from fdmobilenet.engine import PreemptionFlag
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield PreemptionFlag()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def tiny_run(tmp_path, steps: int = 4):
+    """A RunState over the synthetic loader (one process, CPU), its saver and a logger that prints nothing."""
+    import dataclasses
+
+    from fdmobilenet.checkpoint import CheckpointSaver
+    from fdmobilenet.config import ExperimentConfig
+    from fdmobilenet.logs import RunLogger
+    from fdmobilenet.state import RunState
+    from pipelines import build_loader
+    t, _, _ = tiny_trainer(TrainConfig(compile="off"), ema_decay=0.9)
+    cfg = ExperimentConfig()
+    cfg.data = dataclasses.replace(cfg.data, loader="synthetic", num_classes=10, crop_size=32, val_crop=32)
+    cfg.optim = dataclasses.replace(cfg.optim, epochs=2, batch_size=8)
+    loader = build_loader(cfg.data, "train", 8, device=t.info.device)
+    return (RunState(t, loader, cfg, steps), CheckpointSaver(tmp_path, "tiny"),
+            RunLogger(str(tmp_path), "tiny", enabled=False))
+
+
+def test_run_state_round_trips_through_a_checkpoint(tmp_path, preempt):
+    """RunState.state_dict -> file -> load_state_dict into a fresh state: the same weights, optimizer, EMA,
+    position, best and epoch sums; and both states then train to the same weights."""
+    from fdmobilenet.checkpoint import load_checkpoint
+    from fdmobilenet.engine import train_one_epoch
+    state, saver, log = tiny_run(tmp_path)
+    cfg = TrainConfig(print_freq=1)
+    state.step = 1                              # a mid-epoch position, as after a step checkpoint
+    state.best_top1, state.best_epoch = 12.5, 1
+    train_one_epoch(state, cfg, log, saver, preempt)
+    assert (state.step, state.trainer.global_step, state.sums.samples) == (4, 3, 24)
+    state.save(saver)
+    ckpt = load_checkpoint(saver.path)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["best_epoch"]) == (0, 4, 3, 1)
+
+    other, _, _ = tiny_run(tmp_path)
+    other.load_state_dict(ckpt, str(saver.path))
+    assert (other.epoch, other.step, other.best_top1, other.best_epoch) == (0, 4, 12.5, 1)
+    assert other.sums == state.sums and other.trainer.global_step == 3
+    for a, b in zip(state.trainer.module.state_dict().values(), other.trainer.module.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(state.trainer.ema.module.state_dict().values(), other.trainer.ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+    # the epoch's steps are done: a resumed train_one_epoch runs none and reports the whole epoch's sums
+    assert train_one_epoch(other, cfg, log, saver, preempt)["train_loss"] == pytest.approx(state.sums.loss / 24)
+    for s in (state, other):
+        s.end_epoch({"epoch": 1, "val_top1": 10.0})
+        train_one_epoch(s, cfg, log, saver, preempt)
+    assert state.trainer.global_step == other.trainer.global_step == 7 and state.best_epoch == 1
+    for a, b in zip(state.trainer.module.state_dict().values(), other.trainer.module.state_dict().values()):
+        assert torch.equal(a, b)
+    # a checkpoint written before best_epoch / epoch_sums existed still loads
+    old_format = {k: v for k, v in ckpt.items() if k not in ("best_epoch", "epoch_sums")}
+    older, _, _ = tiny_run(tmp_path)
+    older.load_state_dict(old_format, "old.pth.tar")
+    assert (older.epoch, older.step, older.best_epoch, older.sums.samples) == (0, 4, 0, 0)
+
+
+def test_best_checkpoint_is_a_link_to_the_saved_file_not_a_second_save(tmp_path, monkeypatch):
+    """timm's CheckpointSaver: the best file is the file just written (a hard link here), and a later save
+    of the latest file leaves it as it was."""
+    import os
+
+    from fdmobilenet import checkpoint
+    writes = []
+    real = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda obj, path: (writes.append(path), real(obj, path)))
+    saver = checkpoint.CheckpointSaver(tmp_path, "run")
+    saver.save({"epoch": 1}, best=True)
+    assert writes == [saver.path] and os.path.samefile(saver.path, saver.best_path)
+    saver.save({"epoch": 2})
+    assert writes == [saver.path, saver.path] and not os.path.samefile(saver.path, saver.best_path)
+    assert checkpoint.load_checkpoint(saver.best_path)["epoch"] == 1
+    assert checkpoint.load_checkpoint(saver.path)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pth.tar", "run_best.pth.tar"]   # no temp files
+
+
+# -------------------------------------------------------------------------------------------------- logs
+def test_step_line_has_running_averages_and_gpu_memory(tmp_path, capsys):
+    """timm's `loss 2.33 (2.35)`: the window's value, the epoch's running average in brackets; the CUDA
+    memory high-water mark when the trainer runs on a GPU (engine.train_one_epoch passes None on CPU)."""
+    from fdmobilenet.logs import RunLogger
+    log = RunLogger(str(tmp_path), "r", enabled=True)
+    m = {"epoch": 2, "epochs": 3, "step": 10, "steps": 20, "global_step": 30, "loss": 2.3312, "loss_avg": 2.3501,
+         "top1": 12.5, "top1_avg": 10.25, "lr": 0.05, "img_s": 1234.0, "data_wait": 0.03, "step_time": 0.1,
+         "steps_left": 30, "max_mem_gib": None}
+    log.step(m)
+    log.step({**m, "step": 20, "global_step": 40, "steps_left": 20, "max_mem_gib": 3.25})
+    log.close(plot=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("epoch 2/3 step 10/20  loss 2.3312 (2.3501)  top1  12.5% ( 10.2%)  lr 0.05000  "
+                               "1,234 img/s  data wait   3%  ETA 0:00:03")
+    assert "max mem" not in lines[0] and "max mem 3.25 GiB" in lines[1]
+
+
+def test_durations_read_as_timedelta():
+    from fdmobilenet.logs import format_duration
+    assert [format_duration(s) for s in (27.4, 250, 7384, 2 * 86400 + 5)] == \
+        ["0:00:27", "0:04:10", "2:03:04", "2 days, 0:00:05"]
+
+
+def test_curves_have_whole_epoch_ticks_and_mark_the_best_epoch():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fdmobilenet.logs import plot_history
+    history = [{"epoch": e, "lr": 0.1 / e, "train_loss": 2.0 / e, "train_top1": 10.0 * e,
+                "val_loss": 2.5 / e, "val_top1": [30.0, 55.0, 41.0][e - 1], "val_top5": 90.0} for e in (1, 2, 3)]
+    fig = plot_history(history, "r", best_epoch=2)
+    try:
+        for ax in fig.axes:
+            fig.canvas.draw()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+            marks = [line for line in ax.get_lines() if list(line.get_xdata()) == [2, 2]]
+            assert len(marks) == 1 and "best: epoch 2" in [t.get_text() for t in ax.get_legend().get_texts()]
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- CPU threads
+def test_cpu_threads_leave_the_loaders_cores_free(monkeypatch):
+    """Without OMP_NUM_THREADS torch would take every core, on top of the loader's threads; the trainer takes
+    the cores left over (at least one). OMP_NUM_THREADS (torchrun, the launchers) is left as it is."""
+    import dataclasses
+    import os
+
+    from fdmobilenet.config import DataConfig
+    from fdmobilenet.engine import set_cpu_threads
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        data = DataConfig(num_threads=1)
+        assert set_cpu_threads(data) == f"{max(1, cores - 1)} ({cores} cores, 1 of them for the loader)"
+        assert torch.get_num_threads() == max(1, cores - 1)
+        assert set_cpu_threads(dataclasses.replace(data, num_threads=cores + 3)).startswith("1 (")
+        assert set_cpu_threads(dataclasses.replace(data, loader="synthetic")).startswith(f"{cores} (")
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_cpu_threads(data) == "1 (OMP_NUM_THREADS)" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,47 @@
+"""How the command-line tools fail: a user's mistake is one line and exit code 2; anything else is a
+traceback and exit code 1.
+
+A mistake - a wrong path, key, value or class count, a checkpoint that is missing or does not fit, a batch
+that does not divide over the ranks - is reported as ``prog: message`` on stderr, once, without a traceback,
+and the process exits with ``EXIT_USAGE`` (2, argparse's code for a bad command line). The same command
+would fail the same way again, so nothing should restart it: torchrun with --max-restarts > 0 restarts a
+worker whatever its exit code, which is why the launchers run ``train_ddp.py --check`` in one plain process
+before torchrun / srun and stop on its exit code. Any other exception is a bug or a crash: its traceback is
+printed and the exit code is 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from fdmobilenet.checkpoint import CheckpointError
+from fdmobilenet.config import ConfigError
+from pipelines.base import CorruptImageError, DataError
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A command that cannot work as given (e.g. a batch that does not divide over the ranks, --evaluate of a
+    label that was never trained); the message says what to do."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, CheckpointError, DataError, CorruptImageError)
+
+
+def report(prog: str, error: BaseException) -> None:
+    """The one line of a user error, on stderr."""
+    print(f"{prog}: {error}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prog: str):
+    """For the part of a tool that runs before the process group exists (config, checkpoint header): every
+    rank finds the same mistake, so only rank 0 (by the launcher's RANK / SLURM_PROCID) reports it; exit 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            report(prog, e)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,125 @@
+"""The pre-flight check of a training command: what would fail in every worker, found in one plain process.
+
+    python train_ddp.py --check --world-size 8 [the run's own arguments]
+
+The launchers (launch/*.sh, launch/*.sbatch) run it before torchrun / srun and stop on its exit code: a
+user's mistake exits 2 with one line (fdmobilenet.cli), so a job that cannot work is never started,
+restarted by torchrun (--max-restarts restarts a worker whatever its exit code) or requeued by SLURM. It is
+cheap - no device, no loader, no image decoded: the config resolved, the global batch against the planned
+world size(s), the data root's split and class folders listed, the checkpoint the run would resume from
+loaded and fitted to the model.
+
+The checks are the functions in CHECKS, run in order; each takes the Plan and returns a line for the report
+or raises a user error (fdmobilenet.cli.USER_ERRORS). A new check (e.g. a data manifest) is one more function
+on that list. The workers themselves call the parts that decide what they do (per_rank_batch,
+checkpoint_to_resume), so the answers are the same in both places.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from torchvision.datasets.folder import find_classes
+
+from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights
+from fdmobilenet.cli import UsageError
+from fdmobilenet.config import ExperimentConfig, from_dict
+from fdmobilenet.model import FDMobileNet
+from pipelines.base import DataError, check_split_folder, split_dir
+
+
+@dataclass
+class Plan:
+    """What a training command is about to do."""
+    config: ExperimentConfig
+    world_sizes: list[int]       # the world size it will run at (an elastic job: every size it may run at)
+    checkpoint: Path             # {output_dir}/{label}.pth.tar
+    resume: bool = False         # --resume: the checkpoint must exist
+    fresh: bool = False          # --fresh: start over even if it exists
+    evaluate: bool = False       # --evaluate: only score the checkpoint (it must exist)
+
+
+def per_rank_batch(cfg: ExperimentConfig, world_size: int) -> int:
+    """optim.batch_size is global; every rank gets an equal share."""
+    if cfg.optim.batch_size % world_size:
+        raise UsageError(f"optim.batch_size={cfg.optim.batch_size} (global) must divide evenly over "
+                         f"{world_size} ranks; pick a multiple of {world_size}")
+    return cfg.optim.batch_size // world_size
+
+
+def checkpoint_to_resume(plan: Plan) -> Optional[dict]:
+    """The checkpoint the run continues from (or evaluates), loaded and checked to fit; None to start fresh."""
+    cfg, path = plan.config, plan.checkpoint
+    if plan.evaluate and not path.is_file():
+        raise UsageError(f"--evaluate: no checkpoint {path} for label '{cfg.train.label}'; give the --label "
+                         f"(and train.output_dir) of a trained run, or score any file with "
+                         f"`python evaluate.py --checkpoint FILE`")
+    if not plan.evaluate and (plan.fresh or not (plan.resume or (cfg.train.auto_resume and path.is_file()))):
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+        load_weights(FDMobileNet(cfg.model.width_mult, num_classes=cfg.data.num_classes), ckpt, str(path))
+    except CheckpointError as e:   # missing (--resume), corrupt, or another model
+        if plan.evaluate:
+            raise
+        raise CheckpointError(f"{e}; to train this config from scratch, start over with --fresh (overwrites "
+                              f"{path}) or use a new --label") from None
+    if not plan.evaluate and from_dict(ckpt["config"]).optim.batch_size != cfg.optim.batch_size:
+        raise UsageError(f"{path} was trained with optim.batch_size={ckpt['config']['optim']['batch_size']}; "
+                         f"resuming with {cfg.optim.batch_size} would change the schedule. Keep the batch size "
+                         f"or start over with --fresh")
+    return ckpt
+
+
+def nothing_left(ckpt: dict, cfg: ExperimentConfig, path: Path) -> Optional[str]:
+    """The message for a run whose checkpoint has completed every epoch; None while there is work left."""
+    if ckpt["epoch"] < cfg.optim.epochs:
+        return None
+    best = f" (best val top-1 {ckpt['best_top1']:.2f}% at epoch {ckpt.get('best_epoch', '?')})"
+    return (f"{path} has completed all {cfg.optim.epochs} epochs{best}: nothing left to do. Raise optim.epochs "
+            f"to train on, --evaluate to score it, or --fresh to start over")
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+def check_batch(plan: Plan) -> str:
+    shares = [f"{per_rank_batch(plan.config, n)} x {n}" for n in plan.world_sizes]
+    return f"global batch {plan.config.optim.batch_size} = {' or '.join(shares)} ranks"
+
+
+def check_data(plan: Plan) -> str:
+    """The split folders exist and hold data.num_classes class folders (folder layout) or shards
+    (webdataset); the loaders check every file when they start."""
+    data = plan.config.data
+    if data.loader == "synthetic":
+        return "data: synthetic batches (nothing to read)"
+    for split in ("val",) if plan.evaluate else ("train", "val"):
+        folder = split_dir(data, split)
+        if data.layout == "webdataset":
+            if not folder.is_dir() or not any(folder.glob("*.tar")):
+                raise DataError(f"no webdataset shards (*.tar) in {folder}; make them with `python -m "
+                                f"pipelines.pack --src <ImageFolder split> --dst {folder}`, or set data.layout=folder")
+            continue
+        check_split_folder(folder)
+        classes, _ = find_classes(str(folder))
+        if len(classes) != data.num_classes:
+            raise DataError(f"{folder} has {len(classes)} class folders but data.num_classes is "
+                            f"{data.num_classes}; set data.num_classes={len(classes)}")
+    return f"data: {data.root} ({data.layout}, {data.num_classes} classes, loader {data.loader})"
+
+
+def check_checkpoint(plan: Plan) -> str:
+    ckpt = checkpoint_to_resume(plan)
+    if ckpt is None:
+        return f"checkpoint: none, starts from scratch ({plan.checkpoint})"
+    done = nothing_left(ckpt, plan.config, plan.checkpoint)
+    where = f"epoch {ckpt['epoch'] + 1} step {ckpt['step_in_epoch']}"
+    return f"checkpoint: {done}" if done and not plan.evaluate else f"checkpoint: {plan.checkpoint} ({where})"
+
+
+CHECKS: list[Callable[[Plan], str]] = [check_batch, check_data, check_checkpoint]
+
+
+def preflight(plan: Plan) -> list[str]:
+    """Run every check; one line per check, or the first user error."""
+    return [check(plan) for check in CHECKS]
