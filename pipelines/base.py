@@ -153,7 +153,7 @@ def drop_unreadable(folder: Path, samples: list[tuple[str, int]], workers: int) 
     instead where that matters)."""
     from pipelines.verify import check_tree   # H2b's checker: full PIL decode, parallel
 
-    _, problems = check_tree(folder, workers)
+    _, problems, _ = check_tree(folder, workers)
     bad = {p.path for p in problems if p.severity == "error"}
     if not bad:
         return samples

@@ -1,6 +1,6 @@
 """Find the files in an ImageFolder tree that would stop (or silently change) training, before training.
 
-    python -m pipelines.verify DIR [DIR ...] [--workers N]
+    python -m pipelines.verify DIR [DIR ...] [--workers N] [--manifest]
 
 DIR is one split (DIR/<class>/<image>) or a dataset root whose sub-folders are splits (DIR/train, DIR/val).
 Every image is fully decoded with PIL (not just its header), so truncated and corrupt files are found.
@@ -11,8 +11,14 @@ class folders. Warnings (listed, exit 0): images that decode but are not JPEG (e
 and PIL decode it by content, but it is not what a .jpg promises), files the loaders skip because their
 extension is not an image extension, and files lying directly in a split (not in a class folder).
 
-``find_bad_files(root)`` is the library entry point; a loader with ``on_corrupt: skip`` drops the paths of
-the problems whose ``severity == "error"``.
+``--manifest`` also writes each split's manifest (pipelines.manifest: every listed image's relative path,
+size, mtime, label and verdict, with CHECK_VERSION) from the same pass; a loader that finds it matching its
+split uses these verdicts instead of checking the files at every start (pipelines.preflight).
+
+``find_bad_files(root)`` is the library entry point. The command decodes in fork processes (faster than
+threads here: benchmarks/RESULTS.md, "Start-up data check"); the library functions use threads unless told
+otherwise, because a fork inside a process with other threads (a training process: DALI's, torch's) copies
+locks those threads hold, and the child can wait on them forever.
 """
 from __future__ import annotations
 
@@ -22,14 +28,22 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from pipelines import manifest
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The version of check_image's verdicts that a manifest records: raise it when check_image finds other files
+# than before, so that manifests written by the older check are not trusted.
+CHECK_VERSION = 1
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -68,11 +82,40 @@ def check_image(path: str) -> Problem | None:
     return None
 
 
+def check_file(path: str) -> tuple[int, int, Problem | None]:
+    """(size, mtime_ns, :func:`check_image`'s verdict). The stat comes first, so a file changed while or after
+    it is decoded has another mtime than its manifest line and no longer matches it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return -1, -1, Problem(path, f"unreadable: {e}")
+    return st.st_size, st.st_mtime_ns, check_image(path)
+
+
+def map_files(fn: Callable[[T], R], items: list[T], workers: int, processes: bool = False,
+              chunk: int = 64) -> list[R]:
+    """``[fn(x) for x in items]`` in ``workers`` threads, or fork processes with ``processes`` (only in a
+    process without other threads: see the module docstring), ``chunk`` items per task."""
+    workers = max(1, min(workers, -(-len(items) // chunk)))
+    if workers == 1:
+        return [fn(x) for x in items]
+    if processes:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return pool.map(fn, items, chunksize=chunk)
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [r for part in pool.map(lambda c: [fn(x) for x in c], chunks) for r in part]
+
+
+def _is_split_file(path: Path) -> bool:
+    return path.is_file() and path.name != manifest.NAME
+
+
 def _splits(root: Path) -> list[Path]:
     """``root`` itself when it is a split, else its sub-folders (a dataset root with train/, val/)."""
     subdirs = [d for d in sorted(root.iterdir()) if d.is_dir()]
     is_dataset_root = subdirs and all(
-        any(c.is_dir() for c in d.iterdir()) and not any(c.is_file() for c in d.iterdir()) for d in subdirs)
+        any(c.is_dir() for c in d.iterdir()) and not any(_is_split_file(c) for c in d.iterdir()) for d in subdirs)
     return subdirs if is_dataset_root else [root]
 
 
@@ -86,7 +129,7 @@ def scan(root: str | Path) -> tuple[list[str], list[Problem]]:
         classes = [d for d in sorted(split.iterdir()) if d.is_dir()]
         if not classes:
             problems.append(Problem(str(split), "no class folders (expected SPLIT/<class>/<image files>)"))
-        for f in sorted(p for p in split.iterdir() if p.is_file()):
+        for f in sorted(p for p in split.iterdir() if _is_split_file(p)):
             problems.append(Problem(str(f), "file outside any class folder (ignored by the loaders)", "warning"))
         for c in classes:
             n_images = 0
@@ -104,18 +147,34 @@ def scan(root: str | Path) -> tuple[list[str], list[Problem]]:
     return images, problems
 
 
-def check_tree(root: str | Path, workers: int | None = None) -> tuple[int, list[Problem]]:
-    """(number of image files, every problem under ``root`` sorted by path); ``root`` is a split or a
-    dataset root."""
+def write_manifest(split: Path, checked: dict[str, tuple[int, int, Problem | None]]) -> Path | None:
+    """The manifest of ``split`` in its loader's listing order, from ``checked`` (path -> check_file's
+    result); None for a split without class folders (reported as an error already)."""
+    try:
+        _, class_to_idx = find_classes(str(split))
+    except FileNotFoundError:
+        return None
+    prefix = len(str(split)) + 1
+    entries = []
+    for path, label in make_dataset(str(split), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True):
+        size, mtime_ns, problem = checked[path] if path in checked else check_file(path)
+        entries.append((path[prefix:], size, mtime_ns, label, problem.severity if problem else "ok",
+                        problem.reason if problem else ""))
+    return manifest.write(split, entries, CHECK_VERSION)
+
+
+def check_tree(root: str | Path, workers: int | None = None, processes: bool = False,
+               write_manifests: bool = False) -> tuple[int, list[Problem], list[Path]]:
+    """(number of image files, every problem under ``root`` sorted by path, the manifests written);
+    ``root`` is a split or a dataset root. ``write_manifests``: one per split, from the same decode."""
     images, problems = scan(root)
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(images) // 64))
-    if workers == 1:
-        found = [check_image(p) for p in images]
-    else:
-        with mp.get_context("fork").Pool(workers) as pool:
-            found = pool.map(check_image, images, chunksize=64)
-    problems += [p for p in found if p is not None]
-    return len(images), sorted(problems, key=lambda p: p.path)
+    results = map_files(check_file, images, workers or len(os.sched_getaffinity(0)), processes)
+    problems += [problem for _, _, problem in results if problem is not None]
+    written = []
+    if write_manifests and Path(root).is_dir():
+        checked = dict(zip(images, results))
+        written = [m for m in (write_manifest(split, checked) for split in _splits(Path(root))) if m]
+    return len(images), sorted(problems, key=lambda p: p.path), written
 
 
 def find_bad_files(root: str | Path, workers: int | None = None) -> list[Problem]:
@@ -124,18 +183,28 @@ def find_bad_files(root: str | Path, workers: int | None = None) -> list[Problem
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipelines.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="a split (DIR/<class>/...) or a dataset root")
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: all usable cores)")
+    ap.add_argument("--manifest", action="store_true",
+                    help=f"also write each split's {manifest.NAME} (path, size, mtime, label, verdict) for the "
+                         f"loaders' start-up check")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    n_files, problems = 0, []
+    n_files, problems, written = 0, [], []
     for d in args.dirs:
-        n, found = check_tree(d, args.workers)
+        try:
+            n, found, manifests = check_tree(d, args.workers, processes=True, write_manifests=args.manifest)
+        except (OSError, ValueError) as e:   # a manifest that cannot be written: the message names the file
+            print(f"pipelines.verify: error: {e}", file=sys.stderr)
+            return 1
         n_files += n
         problems += found
+        written += manifests
     for p in problems:
         print(p)
+    for m in written:
+        print(f"manifest: {m}")
     errors = sum(p.severity == "error" for p in problems)
     print(f"checked {n_files} image files in {time.perf_counter() - t0:.1f} s: {errors} errors, "
           f"{len(problems) - errors} warnings")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,7 +16,8 @@ from pipelines.demo_data import build_digits
 from pipelines.imagefolder import MARKER, build_once, list_samples
 from pipelines.pack import pack
 from pipelines.photo_set import build_photo_set
-from pipelines.verify import find_bad_files, main as verify_main
+from pipelines.manifest import NAME
+from pipelines.verify import CHECK_VERSION, find_bad_files, main as verify_main
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,33 @@ def test_verify_lists_each_planted_problem(digits, tmp_path, capsys):
     assert "4 errors, 2 warnings" in out
     assert verify_main([str(digits)]) == 0                              # the clean digits set
     assert "0 errors, 0 warnings" in capsys.readouterr().out
+
+
+def test_verify_manifest_records_every_listed_file_and_its_verdict(digits, tmp_path, capsys):
+    """``--manifest``: one line per file of the loader's listing (torchvision ImageFolder's order and labels)
+    with its size, mtime and the full decode's verdict, under a header naming the check's version; written
+    atomically, and a file name it cannot record leaves the previous manifest as it was."""
+    split = tmp_path / "train"
+    shutil.copytree(digits / "train", split)
+    good = sorted((split / "3").glob("*.jpg"))
+    data = good[0].read_bytes()
+    (split / "3" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.open(good[1]).save(split / "4" / "png_named.jpg", format="PNG")
+    assert verify_main([str(split), "--manifest"]) == 1
+    assert f"manifest: {split / NAME}" in capsys.readouterr().out
+    lines = (split / NAME).read_text().splitlines()
+    _, samples = list_samples(split)
+    assert json.loads(lines[0]) == {"manifest": 1, "check_version": CHECK_VERSION, "files": len(samples)}
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows] == [
+        (str(Path(p).relative_to(split)), os.stat(p).st_size, os.stat(p).st_mtime_ns, label) for p, label in samples]
+    assert {r[0]: r[4] for r in rows if r[4] != "ok"} == {"3/truncated.jpg": "error", "4/png_named.jpg": "warning"}
+    assert "truncated image data" in next(r[5] for r in rows if r[0] == "3/truncated.jpg")
+    before = (split / NAME).read_bytes()
+    (split / "5" / "tab\tname.jpg").write_bytes(good[2].read_bytes())
+    assert verify_main([str(split), "--manifest"]) == 1
+    assert "tab or line break in the file name cannot be recorded" in capsys.readouterr().err
+    assert (split / NAME).read_bytes() == before and not (split / (NAME + ".tmp")).exists()
 
 
 def test_pipeline_throughput_benchmark_runs_both_loaders(tmp_path):

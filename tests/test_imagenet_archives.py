@@ -234,24 +234,25 @@ def test_goes_on_to_verify_and_pack(tmp_path, photos, use_fixture_md5, capfd):
         assert json.loads((tmp_path / "wds" / split / "classes.json").read_text()) == WNIDS
 
 
-def test_manifest_goes_to_verify_or_is_refused_before_any_work(tmp_path, photos, use_fixture_md5, capfd):
-    """``--manifest`` runs ``python -m pipelines.verify OUT --manifest``; with a pipelines.verify that has no
-    such option it is refused at once, before any archive is read."""
-    from pipelines.verify import main as verify_main
-    with pytest.raises(SystemExit):
-        verify_main(["--help"])
-    has_manifest = "--manifest" in capfd.readouterr().out
+def test_manifest_goes_to_verify_and_the_loaders_use_it(tmp_path, photos, use_fixture_md5, capfd):
+    """``--manifest`` runs ``python -m pipelines.verify OUT --manifest``: one manifest per split, a line per
+    image in the loader's order with its label."""
+    from pipelines.manifest import NAME
     made = make_archives(tmp_path / "archives", photos)
     use_fixture_md5(made["files"])
-    rc = main(["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out"), "--manifest"])
-    out, err = capfd.readouterr()
-    if has_manifest:
-        assert rc == 0, out + err
-        assert f"-m pipelines.verify {tmp_path / 'out'} --manifest" in out
-    else:
-        assert rc == 1
-        assert "--manifest: this checkout's pipelines.verify has no --manifest option" in err
-        assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    rc = main(["--archives", str(tmp_path / "archives"), "--out", str(out), "--manifest"])
+    log, err = capfd.readouterr()
+    assert rc == 0, log + err
+    assert f"$ {sys.executable} -m pipelines.verify {out} --manifest" in log
+    assert f"manifest: {out / 'train' / NAME}" in log and f"manifest: {out / 'val' / NAME}" in log
+    assert "checked 15 image files" in log and ": 0 errors" in log
+    for split, n in (("train", 9), ("val", 6)):
+        lines = (out / split / NAME).read_text().splitlines()
+        ds = ImageFolder(str(out / split))
+        assert [line.split("\t")[0] for line in lines[1:]] == [str(Path(p).relative_to(out / split)) for p, _ in ds.samples]
+        assert [int(line.split("\t")[3]) for line in lines[1:]] == ds.targets and len(ds.targets) == n
+        assert {line.split("\t")[4] for line in lines[1:]} == {"ok"}
 
 
 def test_missing_archives_are_named_in_one_error(tmp_path, photos):
