@@ -29,7 +29,8 @@ from fdmobilenet.distributed import DistInfo, init_distributed, run_rank
 from fdmobilenet.engine import evaluate, prepare_model, resolve_amp, set_cpu_threads
 from fdmobilenet.logs import format_metrics
 from fdmobilenet.model import FDMobileNet
-from pipelines.base import DataError, check_split_folder, split_dir
+from pipelines.base import DataError, split_dir
+from pipelines.preflight import check_split_folder
 
 PROG = "evaluate.py"
 FOLDER_NAMES_HINT = ("to score a folder of only some of the model's classes, name its class folders by the "
@@ -104,8 +105,8 @@ def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
     set_cpu_threads(cfg.data)
     cfg.train.compile = "off" if cfg.train.compile == "auto" else cfg.train.compile   # one pass: no gain
     _, model = prepare_model(module, cfg.train, info)
-    loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank,
-                                    world_size=info.world_size, local_rank=info.local_rank, device=info.device)
+    loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank, world_size=info.world_size,
+                                    local_rank=info.local_rank, device=info.device, group=info.control_group)
     info.report_own_errors = True   # from here an error can be one rank's own (an undecodable image)
     m = evaluate(model, loader, info, resolve_amp(cfg.train.amp, info.device), args.print_freq,
                  label_map=label_map)

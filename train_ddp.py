@@ -104,7 +104,7 @@ def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]
 
 def build_loader(cfg: ExperimentConfig, split: str, batch: int, info: DistInfo):
     return pipelines.build_loader(cfg.data, split, batch, rank=info.rank, world_size=info.world_size,
-                                  local_rank=info.local_rank, device=info.device)
+                                  local_rank=info.local_rank, device=info.device, group=info.control_group)
 
 
 def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:

@@ -239,8 +239,8 @@ def epoch_batches(state: RunState) -> Iterator[tuple[torch.Tensor, torch.Tensor]
     """The batches of the rest of the current epoch (the caller takes ``state.steps - state.step``).
 
     A resume is finished here, before the first batch: a loader with reader state (DALI) continues by itself;
-    one without replays the epoch's order (every loader shuffles per epoch from (seed, epoch) after
-    set_epoch()), so the ``state.skip`` batches already trained on are drawn and dropped. Then this rank's
+    one without replays the epoch's order (its order is a function of (seed, epoch) after set_epoch(): the
+    contract in pipelines.base), so the ``state.skip`` batches already trained on are drawn and dropped. Then this rank's
     random generators from the checkpoint are restored, so the augmentations drawn from torch's generator
     continue exactly. An epoch with no steps left (trained, evaluation pending) touches the loader not at
     all. A loader whose iterator ends early - DALI continues an epoch that a steps_per_epoch cap left

@@ -26,7 +26,8 @@ from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weight
 from fdmobilenet.cli import UsageError
 from fdmobilenet.config import ExperimentConfig, from_dict
 from fdmobilenet.model import FDMobileNet
-from pipelines.base import DataError, check_split_folder, split_dir
+from pipelines.base import DataError, split_dir
+from pipelines.preflight import check_split_folder
 
 
 @dataclass

@@ -7,18 +7,23 @@ import torch
 
 from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, CorruptImageError, DataError
+from pipelines.preflight import check_split
 
 __all__ = ["build_loader", "BatchLoader", "DataError", "CorruptImageError"]
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 local_rank: int = 0, device: torch.device, epochs_hint: Optional[int] = None) -> BatchLoader:
+                 local_rank: int = 0, device: torch.device, group=None,
+                 epochs_hint: Optional[int] = None) -> BatchLoader:
     """The ``split`` ('train' | 'val') loader named by ``data.loader`` (dali | torchvision | synthetic).
 
     ``batch_size`` is per rank; ``rank`` is the global rank (the shard this process reads), ``world_size``
     the number of shards, ``local_rank`` the GPU on this node (DALI's device_id; ignored on CPU). 'dali'
-    runs mixed/GPU ops when ``device.type == 'cuda'`` and the same graph on the CPU otherwise.
-    ``epochs_hint`` is part of the interface for loaders that plan whole runs; none of these needs it.
+    runs mixed/GPU ops when ``device.type == 'cuda'`` and the same graph on the CPU otherwise. The file
+    loaders start from the data pre-flight (pipelines.preflight.check_split), which the ranks share over
+    ``group`` (the host-side gloo group: every rank builds the same loaders in the same order); without a
+    group each process checks every file itself. ``epochs_hint`` is part of the interface for loaders that
+    plan whole runs; none of these needs it.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -26,14 +31,18 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
         raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if data.loader == "dali":
-        from pipelines.dali import DaliLoader   # DALI is optional: import it only when asked for
-        return DaliLoader(data, split, batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
-                          device=device)
-    if data.loader == "torchvision":
-        from pipelines.torchvision_loader import TorchvisionLoader
-        return TorchvisionLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)
     if data.loader == "synthetic":
         from pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)
-    raise ValueError(f"data.loader must be dali, torchvision or synthetic, got {data.loader!r}")
+    if data.loader not in ("dali", "torchvision"):
+        raise ValueError(f"data.loader must be dali, torchvision or synthetic, got {data.loader!r}")
+    if data.loader == "torchvision" and data.layout != "folder":
+        raise DataError(f"data.loader=torchvision reads data.layout=folder (an ImageFolder tree), not "
+                        f"{data.layout}; use data.loader=dali for webdataset shards")
+    checked = check_split(data, split, rank=rank, world_size=world_size, group=group)
+    if data.loader == "dali":
+        from pipelines.dali import DaliLoader   # DALI is optional: import it only when asked for
+        return DaliLoader(data, checked, batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
+                          device=device)
+    from pipelines.torchvision_loader import TorchvisionLoader
+    return TorchvisionLoader(data, checked, batch_size, rank=rank, world_size=world_size, device=device)

@@ -7,9 +7,9 @@ Train (data.train_crop):
   normalise with mean/std x 255, cast to the hand-over dtype, HWC layout.
 Val: decode -> resize shorter side to val_resize -> centre crop val_crop -> normalise.
 
-The reader is the only thing the layouts change: ``fn.readers.file`` over the ImageFolder listing
-(torchvision's own ``find_classes``/``make_dataset``, so labels equal ImageFolder's) or
-``fn.readers.webdataset`` over ``{split}/*.tar`` shards with their DALI ``.idx`` files (pipelines.pack).
+The reader is the only thing the layouts change: ``fn.readers.file`` over the ImageFolder listing or
+``fn.readers.webdataset`` over ``{split}/*.tar`` shards with their DALI ``.idx`` files (pipelines.pack), both
+as the data pre-flight (pipelines.preflight) listed and checked them.
 
 Sharding: shard_id = global rank, num_shards = world size, pad_last_batch=True, and the iterator is told
 the reader's name, so it knows the shard sizes and removes the padding duplicates. Train shuffles the whole
@@ -17,16 +17,14 @@ dataset every epoch (``shuffle_after_epoch``: one permutation per epoch, the sam
 seed is shared, each rank reading its own slice, so ranks stay disjoint); val reads a fixed slice per rank
 (``stick_to_shard``) so every image is counted exactly once across ranks.
 
-Damaged images: truncated JPEGs are refused before the first batch (pipelines.base.refuse_cut_short_jpegs:
-the GPU decoders would decode them silently); any other decode failure stops the epoch with a
-CorruptImageError naming the file - from DALI's message, or from a header scan when DALI names none.
+Damaged images: the pre-flight refuses before the first batch what DALI would decode silently (a truncated
+JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content that is no image);
+any other decode failure stops the epoch with a CorruptImageError naming the file from DALI's message.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
-import json
-import math
 import re
 from typing import Iterator, Optional
 
@@ -35,9 +33,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import (BatchLoader, CorruptImageError, DataError, Member, find_unparsable, folder_samples,
-                            image_dtype, nchw_channels_last, refuse_cut_short_jpegs, shard_bounds, split_dir,
-                            train_steps)
+from pipelines.base import BatchLoader, CorruptImageError, DataError, image_dtype, nchw_channels_last
+from pipelines.preflight import CheckedSplit
 
 READER = "Reader"
 OUTPUTS = ["images", "labels"]
@@ -121,43 +118,6 @@ def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, nu
     return images, (label.gpu() if device == "gpu" else label)
 
 
-# --------------------------------------------------------------------------------------------- listings
-def webdataset_shards(data: DataConfig, split: str) -> tuple[list[str], list[str], int, list[Member]]:
-    """``(tars, index files, samples, jpg members)`` of ``{root}/{split}`` as written by
-    ``python -m pipelines.pack``; a member is named ``TAR:OFFSET:KEY.jpg`` as DALI names it."""
-    folder = split_dir(data, split)
-    made_by = (f"expected {folder}/<prefix>-NNNNNN.tar each with its DALI index <prefix>-NNNNNN.idx, made by "
-               f"`python -m pipelines.pack --src <ImageFolder split> --dst {folder}`")
-    tars = sorted(folder.glob("*.tar")) if folder.is_dir() else []
-    if not tars:
-        raise DataError(f"no webdataset shards in {folder} ({'missing folder' if not folder.is_dir() else 'no .tar'}"
-                        f"); {made_by}, or set data.layout=folder")
-    total, indices, members = 0, [], []
-    for tar in tars:
-        idx = tar.with_suffix(".idx")
-        if not idx.is_file():
-            raise DataError(f"{tar} has no index file {idx}; {made_by} (or DALI's `wds2idx {tar} {idx}`)")
-        lines = idx.read_text().splitlines()
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or header[0] != "v1.2" or not header[1].isdigit():
-            raise DataError(f"{idx}: first line is {' '.join(header)!r}, expected 'v1.2 <samples>'; {made_by}")
-        total += int(header[1])
-        indices.append(str(idx))
-        members += [(f"{tar}:{offset}:{name}", str(tar), int(offset), int(size))
-                    for line in lines[1:] for ext, offset, size, name in zip(*[iter(line.split())] * 4)
-                    if ext == "jpg"]
-    if data.on_corrupt == "error":
-        refuse_cut_short_jpegs(members, folder, "check the packed ImageFolder with `python -m pipelines.verify`"
-                                                ", fix it and pack again")
-    classes_file = folder / "classes.json"
-    if classes_file.is_file():
-        n_classes = len(json.loads(classes_file.read_text()))
-        if n_classes != data.num_classes:
-            raise DataError(f"{classes_file} lists {n_classes} classes but data.num_classes is "
-                            f"{data.num_classes}; set data.num_classes={n_classes}")
-    return [str(t) for t in tars], indices, total, members
-
-
 # ---------------------------------------------------------------------------------------------- loader
 class DaliLoader(BatchLoader):
     """DALI pipeline + DALIGenericIterator behind the BatchLoader interface.
@@ -165,69 +125,42 @@ class DaliLoader(BatchLoader):
     Train yields ``len(self)`` full batches per epoch on every rank (the smallest rank's full batches;
     the few images past them are read and dropped, different ones each epoch). Val yields every image of
     this rank's slice once; its last batch may be smaller.
+
+    DALI's epoch is not the trainer's: a train epoch left early (a steps_per_epoch cap) is continued by the
+    next ``iter()``, so no decoded batch is wasted and the reader state is one position in DALI's stream.
     """
 
-    def __init__(self, data: DataConfig, split: str, batch_size: int, *, rank: int, world_size: int,
+    def __init__(self, data: DataConfig, split: CheckedSplit, batch_size: int, *, rank: int, world_size: int,
                  local_rank: int, device: torch.device):
-        if data.on_corrupt == "skip" and data.layout == "webdataset":
-            raise DataError("data.on_corrupt=skip works for data.layout=folder only: the shards cannot be "
-                            "filtered while reading; run `python -m pipelines.verify` on the ImageFolder and "
-                            "pack again without the bad files")
-        self.data, self.split, self.batch_size, self.device = data, split, batch_size, device
-        self.train = split == "train"
-        self.rank, self.world_size = rank, world_size
+        super().__init__(split.name, split.total, batch_size, rank, world_size, device,
+                         where=f"{split.folder} ({data.layout})")
+        if not self.train and self.num_samples == 0:
+            raise DataError(f"{split.folder}: {split.total} validation images for {world_size} ranks leaves rank "
+                            f"{rank} none; use fewer ranks")
+        self.data, self.split, self.rank, self.world_size = data, split, rank, world_size
         self.device_id = (device.index if device.index is not None else local_rank) \
             if device.type == "cuda" else None
         self.dtype = image_dtype(data, device)
-        if data.layout == "webdataset":
-            tars, indices, total, self._members = webdataset_shards(data, split)
-            self._reader_input = dict(tars=tars, indices=indices)
-        else:
-            _, samples = folder_samples(data, split)
-            total = len(samples)
-            self._reader_input = dict(files=[p for p, _ in samples], labels=[label for _, label in samples])
-            self._members = [(path, path, 0, None) for path, _ in samples]
-        self.dataset_size = total
-        where = f"{split_dir(data, split)} ({data.layout})"
-        if self.train:
-            self._steps = train_steps(total, batch_size, world_size, where)
-            self.num_samples = self._steps * batch_size
-        else:
-            begin, end = shard_bounds(total, rank, world_size)
-            if end == begin:
-                raise DataError(f"{where}: {total} validation images for {world_size} ranks leaves rank "
-                                f"{rank} none; use fewer ranks")
-            self.num_samples = end - begin
-            self._steps = math.ceil(self.num_samples / batch_size)
-        self._iterator: Optional[DALIGenericIterator] = None
-        self._epoch = 0
-        self._shuffle_seed = data.seed
-        self._restore: Optional[dict] = None   # state to resume from at the next build
-        self._steps_done = 0                   # of the current train epoch (for mid-epoch state)
-        self._mid_epoch = False                # a DALI epoch has been started and not read to its end
-
-    def __len__(self) -> int:
-        return self._steps
+        # The reader's position, all of it:
+        self._iterator: Optional[DALIGenericIterator] = None   # None before the first epoch (and after a
+        #   decode error, or a val pass left early: the next iter() builds a fresh pipeline)
+        self._steps_done = 0                  # batches handed out of the DALI epoch in progress
+        self._shuffle_seed = data.seed        # of the train shuffle: data.seed + the first set_epoch's epoch,
+        #   or the restored state's
 
     def set_epoch(self, epoch: int) -> None:
-        # DALI reshuffles by itself after each epoch. Before the first build the epoch picks the shuffle
-        # seed, so a run resumed without reader state does not replay epoch 0's order.
-        if self._iterator is None and self._restore is None:
+        # DALI reshuffles by itself after each of its epochs; before the first build the epoch picks the seed
+        # (see pipelines.base on what set_epoch guarantees)
+        if self._iterator is None:
             self._shuffle_seed = self.data.seed + epoch
-        self._epoch = epoch
 
     # ---------------------------------------------------------------------------------------- building
-    def _build(self) -> DALIGenericIterator:
-        checkpoint = None
-        if self._restore is not None:
-            checkpoint = base64.b64decode(self._restore["dali"])
-            self._shuffle_seed = self._restore["shuffle_seed"]
-            self._steps_done = self._restore["steps_done"]
-            self._restore = None
+    def _build(self, checkpoint: Optional[bytes] = None) -> DALIGenericIterator:
+        """The pipeline and its iterator: a new epoch, or the position a DALI ``checkpoint`` holds."""
         pipe = image_pipeline(
             data=self.data, train=self.train, device="gpu" if self.device_id is not None else "cpu",
             shard_id=self.rank, num_shards=self.world_size, out_dtype=_DALI_DTYPE[self.dtype],
-            shuffle_seed=self._shuffle_seed, **self._reader_input,
+            shuffle_seed=self._shuffle_seed, **self.split.reader,
             batch_size=self.batch_size, num_threads=max(1, self.data.num_threads), device_id=self.device_id,
             seed=self.data.seed + self.rank,         # augmentation differs per rank; the shuffle does not
             prefetch_queue_depth=self.data.prefetch_queue_depth,
@@ -243,23 +176,16 @@ class DaliLoader(BatchLoader):
         it read the sample from); any DALI error leaves the pipeline unusable, so it is dropped."""
         try:
             yield
-        except CorruptImageError:
-            raise
         except RuntimeError as exc:
-            self._iterator, self._mid_epoch, self._steps_done = None, False, 0
-            folder = split_dir(self.data, self.split)
+            self._iterator, self._steps_done = None, 0
+            folder = self.split.folder
             match = _DECODE_FAILURE.search(str(exc))
-            if match is not None:
-                culprits = [match.group(1).strip()]
-            elif "decoders." in str(exc):
-                # DALI's decoder failed without naming the file (a header its parser rejects): find it
-                culprits = find_unparsable(self._members, max(1, self.data.num_threads))
-                if not culprits:
-                    raise CorruptImageError(
-                        f"DALI's decoder failed while reading {folder} without naming the file, and no "
-                        f"image there has unparsable headers; run `python -m pipelines.verify` on the image "
-                        f"folder (full decode) to find it. DALI said: {exc}") from exc
-            else:
+            if match is None and "decoders." in str(exc):
+                raise CorruptImageError(
+                    f"DALI's decoder failed on a file of {folder} without naming it; the start-up check "
+                    f"(JPEG headers and ends) found none damaged. `python -m pipelines.verify {folder}` decodes "
+                    f"every file and names it. DALI said: {exc}") from exc
+            if match is None:
                 raise
             if self.data.layout == "webdataset":    # DALI names it TAR:OFFSET:KEY.jpg
                 fix = ("the key is the sample's position in the packed ImageFolder; check that folder with "
@@ -267,30 +193,26 @@ class DaliLoader(BatchLoader):
             else:
                 fix = (f"replace or delete it, or set data.on_corrupt=skip; `python -m pipelines.verify "
                        f"{folder}` lists every bad file")
-            raise CorruptImageError(f"cannot decode {', '.join(culprits[:10])} (truncated or corrupt image) "
+            raise CorruptImageError(f"cannot decode {match.group(1).strip()} (truncated or corrupt image) "
                                     f"while reading {folder}; {fix}") from exc
 
     # --------------------------------------------------------------------------------------- iterating
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._iterator is not None and not self.train and self._mid_epoch:
+        if self._iterator is not None and not self.train and self._steps_done:
             self._iterator = None               # a val pass was left early: start a fresh, whole one
         if self._iterator is None:
             self._iterator = self._build()
-        if self.train and self._steps_done >= self._steps:
+        if self.train and self._steps_done >= len(self):
             for _ in self._dali_batches():      # the last epoch's dropped tail was never read: read it now
                 pass
-        step = self._steps_done if self.train else 0
         for batch in self._dali_batches():
-            if self.train and step >= self._steps:
+            if self.train and self._steps_done >= len(self):
                 continue                        # past the common step count: read to the epoch end, drop
-            step += 1
-            self._steps_done = step if self.train else 0
+            self._steps_done += 1
             yield self.to_batch(batch)
 
     def _dali_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The rest of the DALI epoch, without all-padding batches. A train epoch left early (e.g. a
-        steps_per_epoch cap) is continued by the next ``iter()``, so no decoded batch is wasted."""
-        self._mid_epoch = True
+        """The rest of the DALI epoch, without all-padding batches; at its end the count starts again."""
         while True:
             with self._naming_bad_files():
                 try:
@@ -299,7 +221,6 @@ class DaliLoader(BatchLoader):
                     break
             if batch["images"].shape[0] > 0:    # 0: this rank's slice ended a batch before the longest one's
                 yield batch
-        self._mid_epoch = False
         self._steps_done = 0
 
     @staticmethod
@@ -310,28 +231,25 @@ class DaliLoader(BatchLoader):
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Train: the DALI reader/RNG checkpoint (where the next batch comes from); val: ``{}``."""
-        if not self.train:
+        """Train: the DALI reader/RNG checkpoint (where the next batch comes from) with the shuffle seed and
+        the batches done of DALI's epoch; ``{}`` for val, and before the first batch."""
+        if not self.train or self._iterator is None:
             return {}
-        if self._iterator is None:
-            return dict(self._restore) if self._restore else {}
         checkpoint = self._iterator.checkpoints()[0]
         if isinstance(checkpoint, str):
             checkpoint = checkpoint.encode("latin-1")
         # base64 text: loads under torch.load(weights_only=True)
         return {"dali": base64.b64encode(checkpoint).decode("ascii"), "shuffle_seed": self._shuffle_seed,
-                "steps_done": self._steps_done, "epoch": self._epoch}
+                "steps_done": self._steps_done}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`; the next ``iter()`` continues where it was taken (mid-epoch: the
-        remaining ``len(self) - state['steps_done']`` batches of that epoch)."""
+        """Resume from :meth:`state_dict`: the pipeline is built at that position, and the next ``iter()``
+        continues there (mid-epoch: the remaining ``len(self) - state['steps_done']`` batches of it)."""
         if not state:
             return
         missing = {"dali", "shuffle_seed", "steps_done"} - set(state)
         if missing or not self.train:
-            raise ValueError(f"DALI {self.split} loader state needs keys dali, shuffle_seed, steps_done; got "
+            raise ValueError(f"DALI {self.split.name} loader state needs keys dali, shuffle_seed, steps_done; got "
                              f"{sorted(state)}")
-        self._iterator = None
-        self._mid_epoch = False
-        self._restore = dict(state)
-        self._epoch = state.get("epoch", self._epoch)
+        self._shuffle_seed, self._steps_done = state["shuffle_seed"], state["steps_done"]
+        self._iterator = self._build(base64.b64decode(state["dali"]))

@@ -10,7 +10,6 @@ that does not decode is a CorruptImageError naming it and the fix, as in the DAL
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Iterator
 
@@ -21,8 +20,8 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import (BatchLoader, CorruptImageError, folder_samples, image_dtype, shard_bounds, split_dir,
-                            train_steps)
+from pipelines.base import BatchLoader, CorruptImageError, image_dtype
+from pipelines.preflight import CheckedSplit
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
@@ -61,12 +60,13 @@ def val_transform(data: DataConfig) -> T.Compose:
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision's ImageFolder over the listing that pipelines.base checked (clear errors for missing or
-    empty folders; ``on_corrupt: skip`` applied) - the same files, order and labels as the DALI reader."""
+    """torchvision's ImageFolder over the listing that the data pre-flight checked (pipelines.preflight: clear
+    errors for missing or empty folders, damaged files refused or, with ``on_corrupt: skip``, dropped) - the
+    same files, order and labels as the DALI reader."""
 
-    def __init__(self, data: DataConfig, split: str, transform):
-        self._checked = folder_samples(data, split)[1]
-        folder = str(split_dir(data, split))
+    def __init__(self, split: CheckedSplit, transform):
+        self._checked = split.samples
+        folder = str(split.folder)
         super().__init__(folder, transform, loader=functools.partial(load_image, folder=folder))
 
     def make_dataset(self, *args, **kwargs) -> list[tuple[str, int]]:
@@ -78,40 +78,29 @@ class TorchvisionLoader(BatchLoader):
     ``data.num_threads`` persistent workers. Train drops the last partial batch; val keeps it, and its
     sampler is not padded, so every image is counted exactly once across ranks."""
 
-    def __init__(self, data: DataConfig, split: str, batch_size: int, *, rank: int, world_size: int,
+    def __init__(self, data: DataConfig, split: CheckedSplit, batch_size: int, *, rank: int, world_size: int,
                  device: torch.device):
-        self.batch_size, self.device = batch_size, device
+        super().__init__(split.name, split.total, batch_size, rank, world_size, device,
+                         where=f"{split.folder} (torchvision)")
         self.dtype = image_dtype(data, device)
-        train = split == "train"
-        dataset = CheckedImageFolder(data, split, train_transform(data) if train else val_transform(data))
-        samples = dataset.samples
-        total = len(samples)
-        where = f"{split_dir(data, split)} (torchvision)"
-        if train:
-            self._steps = train_steps(total, batch_size, world_size, where)
-            self.num_samples = self._steps * batch_size
+        dataset = CheckedImageFolder(split, train_transform(data) if self.train else val_transform(data))
+        if self.train:
             # drop_last: every rank gets total // world_size indices (the smallest share), as DALI's train
             self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=data.seed,
                                               drop_last=True)
         else:
-            begin, end = shard_bounds(total, rank, world_size)
-            self.num_samples = end - begin
-            self._steps = math.ceil(self.num_samples / batch_size)
-            # a contiguous, unpadded slice per rank: the split DALI's val uses
-            self.sampler = range(begin, end)
+            self.sampler = range(*self.shard)   # a contiguous, unpadded slice per rank: the split DALI's val uses
         # val: a generator of its own, because starting an iterator draws the workers' base seed from it -
         # from torch's global generator by default, so evaluating would shift the training augmentations
         # that follow (and a resumed run, whose evaluation may have been cut short, would not repeat them)
-        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
+        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=self.train,
                                   num_workers=data.num_threads, persistent_workers=data.num_threads > 0,
-                                  pin_memory=device.type == "cuda", generator=None if train else torch.Generator(),
+                                  pin_memory=device.type == "cuda",
+                                  generator=None if self.train else torch.Generator(),
                                   prefetch_factor=data.prefetch_queue_depth if data.num_threads > 0 else None)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(data.mean, device=device).view(shape) * 255
         self._std = torch.tensor(data.std, device=device).view(shape) * 255
-
-    def __len__(self) -> int:
-        return self._steps
 
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.sampler, DistributedSampler):
@@ -120,7 +109,7 @@ class TorchvisionLoader(BatchLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
             for step, (images, labels) in enumerate(self._loader):
-                if step == self._steps:
+                if step == len(self):
                     break
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 images = ((images.float() - self._mean) / self._std).to(self.dtype)

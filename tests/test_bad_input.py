@@ -90,18 +90,20 @@ def test_empty_class_folder(digits, good_checkpoint, tmp_path):
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-a-jpeg"])
+@pytest.mark.parametrize("damage", ["truncated", "not-a-jpeg", "val-headers"])
 def test_corrupt_jpeg_is_named(digits, good_checkpoint, tmp_path, damage):
-    """A truncated JPEG is found up front; random bytes under a .jpg name when DALI decodes the batch (so the
-    run covers the whole epoch: train.steps_per_epoch=0)."""
+    """Found up front by the data pre-flight, before the first step: a truncated train JPEG, random bytes under
+    a .jpg name, and a val JPEG whose headers are garbled (not only at the first evaluation, an epoch later)."""
     root = tmp_path / "data"
     shutil.copytree(digits, root)
-    victim = sorted((root / "train" / "7").iterdir())[0]
+    victim = sorted((root / ("val" if damage == "val-headers" else "train") / "7").iterdir())[0]
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 3] if damage == "truncated" else os.urandom(len(data)))
+    victim.write_bytes({"truncated": data[: len(data) // 3], "not-a-jpeg": os.urandom(len(data)),
+                        "val-headers": data[:2] + bytes(200) + data[202:]}[damage])
     before = resumable(good_checkpoint, tmp_path, "run")
-    p = train(root, tmp_path, "run", "optim.epochs=2", *([] if damage == "truncated" else ["train.steps_per_epoch=0"]))
+    p = train(root, tmp_path, "run", "optim.epochs=2", "train.steps_per_epoch=0")
     assert_user_error(p, str(victim), "replace or delete", "data.on_corrupt=skip")
+    assert "epoch 2/2 step" not in p.stdout                      # no training step ran
     assert sha256(tmp_path / "run.pth.tar") == before
 
 

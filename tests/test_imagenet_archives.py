@@ -236,8 +236,11 @@ def test_goes_on_to_verify_and_pack(tmp_path, photos, use_fixture_md5, capfd):
 
 def test_manifest_goes_to_verify_and_the_loaders_use_it(tmp_path, photos, use_fixture_md5, capfd):
     """``--manifest`` runs ``python -m pipelines.verify OUT --manifest``: one manifest per split, a line per
-    image in the loader's order with its label."""
+    image in the loader's order with its label, and the data pre-flight of both splits uses them (reads no
+    image)."""
+    from fdmobilenet.config import DataConfig
     from pipelines.manifest import NAME
+    from pipelines.preflight import check_split
     made = make_archives(tmp_path / "archives", photos)
     use_fixture_md5(made["files"])
     out = tmp_path / "out"
@@ -253,6 +256,8 @@ def test_manifest_goes_to_verify_and_the_loaders_use_it(tmp_path, photos, use_fi
         assert [line.split("\t")[0] for line in lines[1:]] == [str(Path(p).relative_to(out / split)) for p, _ in ds.samples]
         assert [int(line.split("\t")[3]) for line in lines[1:]] == ds.targets and len(ds.targets) == n
         assert {line.split("\t")[4] for line in lines[1:]} == {"ok"}
+        checked = check_split(DataConfig(root=str(out), num_classes=3), split)
+        assert checked.checked == 0 and checked.how == f"the verdicts of {out / split / NAME}"
 
 
 def test_missing_archives_are_named_in_one_error(tmp_path, photos):

@@ -16,7 +16,8 @@ from torchvision.datasets import ImageFolder
 import loader_support
 from loader_support import epoch_labels
 from pipelines import CorruptImageError, DataError, build_loader
-from pipelines.base import folder_samples, jpeg_cut_short
+from pipelines.base import split_dir
+from pipelines.preflight import SOF_MARKERS, check_split, file_damage, list_folder
 from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
@@ -28,10 +29,12 @@ small = functools.partial(loader_support.small, loader="dali")   # a call may na
 def test_listing_and_labels_equal_torchvision_imagefolder(photo_root):
     data = small(photo_root, 3)
     for split in ("train", "val"):
-        classes, samples = folder_samples(data, split)
+        classes, samples = list_folder(data, split_dir(data, split))
         reference = ImageFolder(str(photo_root / split))
         assert classes == reference.classes
         assert samples == reference.samples
+        # the data pre-flight hands the DALI reader exactly that listing
+        assert check_split(data, split).reader == {"files": [p for p, _ in samples], "labels": reference.targets}
     # the val pipeline reads in listing order: its labels are ImageFolder's targets, in order
     val = build_loader(data, "val", 4, device=CPU)
     assert epoch_labels(val, 0) == ImageFolder(str(photo_root / "val")).targets
@@ -98,6 +101,22 @@ def test_train_epochs_cover_everything_in_a_new_order(unique_root):
         assert sorted(order) == list(range(11))
     assert orders[0] != orders[1] != orders[2]
     assert orders[0] != sorted(orders[0])                            # epoch 0 is shuffled too
+
+
+def test_set_epoch_picks_the_first_shuffle_then_dali_reshuffles_by_itself(unique_root):
+    """set_epoch's contract for a loader with reader state (pipelines.base): before the first batch the epoch
+    picks the shuffle (data.seed + epoch), the same in any process; after that DALI reshuffles at the end of
+    each of its epochs by itself and set_epoch changes nothing - the reader state carries the order."""
+    data = small(unique_root, 11)
+
+    def orders(epochs: list[int]) -> list[list[int]]:
+        loader = build_loader(data, "train", 1, device=CPU)
+        return [epoch_labels(loader, e) for e in epochs]
+
+    straight, told_otherwise = orders([0, 1]), orders([0, 7])
+    assert straight == told_otherwise and straight[0] != straight[1]
+    started_at_3 = orders([3])
+    assert started_at_3 == orders([3]) and started_at_3[0] != straight[0]
 
 
 def test_train_ranks_are_disjoint_with_equal_step_counts(unique_root):
@@ -210,18 +229,43 @@ def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
     assert str(victim) in error[0]
 
 
+def frame_header_of_width_zero(jpeg: bytes) -> bytes:
+    """The JPEG with its frame header (SOF) saying 0 pixels wide: markers, lengths and the end intact."""
+    data, i = bytearray(jpeg), 2
+    while data[i + 1] not in SOF_MARKERS:
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 7:i + 9] = bytes(2)                                      # SOF: length, precision, height, width
+    return bytes(data)
+
+
 def test_undecodable_jpeg_stops_training_with_dalis_error_naming_it(photo_root, tmp_path):
-    """Damage the up-front check cannot see (the file still ends with its end-of-image marker): DALI's
-    decoder fails on it and the loader names the file from DALI's message."""
+    """Damage the up-front check does not look for (the frame header says 0 pixels wide; the markers chain
+    up and the file ends with its end-of-image marker): DALI's decoder fails on it and the loader names the
+    file from DALI's message."""
     root = tmp_path / "garbled"
     shutil.copytree(photo_root / "train", root / "train")
     victim = sorted((root / "train" / "c02").iterdir())[0]
-    data = bytearray(victim.read_bytes())
-    data[2:400] = bytes(398)                                          # headers (tables, frame) zeroed
-    victim.write_bytes(bytes(data))
+    victim.write_bytes(frame_header_of_width_zero(victim.read_bytes()))
+    assert file_damage(str(victim)) is None
     error = run_training(root)
     assert error and error[0].startswith("pipelines.base.CorruptImageError: cannot decode ")
     assert str(victim) in error[0]
+
+
+def test_garbled_headers_are_refused_before_the_first_batch(photo_root, tmp_path):
+    """Headers DALI's parser rejects without naming the file (tables and frame zeroed) and content that is no
+    image: the pre-flight finds both, so the error names them before any batch is read."""
+    root = tmp_path / "garbled"
+    shutil.copytree(photo_root / "train", root / "train")
+    zeroed, noise = sorted((root / "train" / "c02").iterdir())[:2]
+    data = bytearray(zeroed.read_bytes())
+    data[2:400] = bytes(398)                                          # headers (tables, frame) zeroed
+    zeroed.write_bytes(bytes(data))
+    noise.write_bytes(b"\x00not an image at all" * 50)
+    with pytest.raises(CorruptImageError) as e:
+        build_loader(small(root, 3), "train", 2, device=CPU)
+    assert (f"1 JPEG(s) whose headers cannot be parsed in {root / 'train'}: {zeroed}; 1 file(s) that are not an "
+            f"image in {root / 'train'}: {noise}; replace or delete them, or set data.on_corrupt=skip") in str(e.value)
 
 
 def test_truncated_jpeg_in_a_shard_names_tar_and_key(truncated_root, tmp_path):
@@ -244,25 +288,32 @@ def test_garbled_headers_in_a_shard_are_found_and_named(photo_root, tmp_path):
     data[2:400] = bytes(398)
     victim.write_bytes(bytes(data))
     pack(src, tmp_path / "wds" / "train", shard_size=4, workers=1)
-    loader = build_loader(small(tmp_path / "wds", 3, layout="webdataset"), "train", 11, device=CPU)
-    with pytest.raises(CorruptImageError, match=r"cannot decode .*train-000001\.tar:\d+:00000004\.jpg"):
-        list(loader)
+    with pytest.raises(CorruptImageError, match=r"1 JPEG\(s\) whose headers cannot be parsed .*"
+                                                r"train-000001\.tar:\d+:00000004\.jpg"):
+        build_loader(small(tmp_path / "wds", 3, layout="webdataset"), "train", 11, device=CPU)
 
 
-def test_cut_short_check_reads_the_end_marker_and_confirms(photo_root, tmp_path):
+def test_start_up_check_reads_headers_and_end_marker_and_confirms(photo_root, tmp_path):
     good = sorted((photo_root / "val").rglob("*.jpg"))[0]
     data = good.read_bytes()
     padded, cut, png = tmp_path / "padded.jpg", tmp_path / "cut.jpg", tmp_path / "png.jpg"
     padded.write_bytes(data + bytes(100) + b"trailing bytes some writers leave")   # still a good image
     cut.write_bytes(data[:-300])
     Image.open(good).save(png, format="PNG")
-    assert not jpeg_cut_short(str(good)) and not jpeg_cut_short(str(padded))
-    assert jpeg_cut_short(str(cut)) and not jpeg_cut_short(str(png))      # PNGs are left to the decoders
+    assert file_damage(str(good)) is None and file_damage(str(padded)) is None
+    assert file_damage(str(cut)) == "truncated" and file_damage(str(png)) is None   # PNGs: identified by PIL
+    zeroed, noise, empty, stub = (tmp_path / f"{n}.jpg" for n in ("zeroed", "noise", "empty", "stub"))
+    zeroed.write_bytes(data[:2] + bytes(398) + data[400:])
+    noise.write_bytes(bytes(range(256)) * 8)
+    empty.write_bytes(b"")
+    stub.write_bytes(data[:200])                                      # cut inside its headers
+    assert [file_damage(str(p)) for p in (zeroed, noise, empty, stub)] == ["headers", "not an image", "empty",
+                                                                            "truncated"]
     # the same check on a member inside a container file: offset and size
     blob = tmp_path / "blob.bin"
     blob.write_bytes(b"x" * 100 + data + data[:-300])
-    assert not jpeg_cut_short(str(blob), 100, len(data))
-    assert jpeg_cut_short(str(blob), 100 + len(data), len(data) - 300)
+    assert file_damage(str(blob), 100, len(data)) is None
+    assert file_damage(str(blob), 100 + len(data), len(data) - 300) == "truncated"
 
 
 def test_on_corrupt_skip_drops_the_file_up_front(truncated_root):

@@ -61,6 +61,16 @@ def test_torchvision_train_reshuffles_per_epoch_disjoint_across_ranks(unique_roo
     assert orders[0] != orders[1]
 
 
+def test_torchvision_epoch_order_is_a_function_of_seed_and_epoch(unique_root):
+    """set_epoch's contract for a loader without reader state (pipelines.base): epoch e's order is the same
+    whatever came before, e.g. in a restarted process - what a resumed run relies on to replay the epoch and
+    drop the batches it trained already (engine.epoch_batches)."""
+    straight = build_loader(small(unique_root, 11), "train", 1, device=CPU)
+    orders = [epoch_labels(straight, e) for e in range(3)]
+    restarted = build_loader(small(unique_root, 11), "train", 1, device=CPU)
+    assert epoch_labels(restarted, 2) == orders[2] and orders[0] != orders[1] != orders[2]
+
+
 def test_dali_and_torchvision_val_agree(photo_root):
     """Same files, labels, layout, channel order and normalisation; pixels differ only by the resize
     filters (DALI's antialiased linear vs PIL's bilinear), so they agree closely but not exactly."""
@@ -140,21 +150,30 @@ def test_exif_orientation_is_applied_like_dali(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_torchvision_names_an_undecodable_file_like_dali(photo_root, tmp_path, workers):
-    """Random bytes under a .jpg name pass the up-front truncation check (not a JPEG: not judged there) and
-    fail in decoding: a CorruptImageError that names the file and the fix, one line, also from a worker."""
+    """A PNG cut in half under a .jpg name passes the up-front check (PIL identifies its header; only JPEGs
+    are checked for their end) and fails in decoding: a CorruptImageError that names the file and the fix,
+    one line, also from a worker. Random bytes under a .jpg name are refused before the first batch."""
     import shutil
+
+    from PIL import Image
 
     from pipelines import CorruptImageError
     root = tmp_path / "data"
     shutil.copytree(photo_root, root)
-    victim = root / "val" / "c01" / "garbage.jpg"
-    victim.write_bytes(b"\x00not an image at all" * 50)
+    victim = root / "val" / "c01" / "half_png.jpg"
+    Image.open(sorted((root / "val" / "c01").iterdir())[0]).save(victim, format="PNG")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     loader = build_loader(small(root, 3, num_threads=workers), "val", 4, device=CPU)
     with pytest.raises(CorruptImageError) as e:
         list(loader)
     message = str(e.value)
     assert message.startswith(f"cannot decode {victim} (truncated or corrupt image: ") and "\n" not in message
     assert "replace or delete it, or set data.on_corrupt=skip" in message and "pipelines.verify" in message
+    noise = root / "val" / "c01" / "garbage.jpg"
+    noise.write_bytes(b"\x00not an image at all" * 50)
+    with pytest.raises(CorruptImageError, match=f"1 file\\(s\\) that are not an image in {root / 'val'}: {noise}; "
+                                                f"replace or delete them"):
+        build_loader(small(root, 3, num_threads=workers), "val", 4, device=CPU)
 
 
 @pytest.mark.parametrize("loader", ["torchvision", "dali"])
