@@ -6,13 +6,13 @@ The launchers (launch/*.sh, launch/*.sbatch) run it before torchrun / srun and s
 user's mistake exits 2 with one line (fdmobilenet.cli), so a job that cannot work is never started,
 restarted by torchrun (--max-restarts restarts a worker whatever its exit code) or requeued by SLURM. It is
 cheap - no device, no loader, no image decoded: the config resolved, the global batch against the planned
-world size(s), the data root's split and class folders listed, the checkpoint the run would resume from
-loaded and fitted to the model.
+world size(s), the data's splits listed and their manifests checked (pipelines.preflight), the checkpoint
+the run would resume from loaded and fitted to the model.
 
 The checks are the functions in CHECKS, run in order; each takes the Plan and returns a line for the report
-or raises a user error (fdmobilenet.cli.USER_ERRORS). A new check (e.g. a data manifest) is one more function
-on that list. The workers themselves call the parts that decide what they do (per_rank_batch,
-checkpoint_to_resume), so the answers are the same in both places.
+or raises a user error (fdmobilenet.cli.USER_ERRORS). A new check is one more function on that list. The
+workers themselves call the parts that decide what they do (per_rank_batch, checkpoint_to_resume,
+check_split), so the answers are the same in both places.
 """
 from __future__ import annotations
 
@@ -20,14 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from torchvision.datasets.folder import find_classes
-
 from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights
 from fdmobilenet.cli import UsageError
 from fdmobilenet.config import ExperimentConfig, from_dict
 from fdmobilenet.model import FDMobileNet
-from pipelines.base import DataError, split_dir
-from pipelines.preflight import check_split_folder
+from pipelines.preflight import check_split
 
 
 @dataclass
@@ -89,24 +86,19 @@ def check_batch(plan: Plan) -> str:
 
 
 def check_data(plan: Plan) -> str:
-    """The split folders exist and hold data.num_classes class folders (folder layout) or shards
-    (webdataset); the loaders check every file when they start."""
+    """The data pre-flight of every split the run reads (pipelines.preflight.check_split), without its scan:
+    the listing (split and class folders against data.num_classes, or the shards and their indices) and each
+    split's manifest. A manifest that matches its split has its verdicts applied here, so a damaged file
+    stops the job once, before any worker starts. Without one the files are not read here: the ranks check
+    them at start, each its 1/world share, in a fraction of the time one process would take
+    (benchmarks/RESULTS.md, "Start-up data check")."""
     data = plan.config.data
     if data.loader == "synthetic":
         return "data: synthetic batches (nothing to read)"
-    for split in ("val",) if plan.evaluate else ("train", "val"):
-        folder = split_dir(data, split)
-        if data.layout == "webdataset":
-            if not folder.is_dir() or not any(folder.glob("*.tar")):
-                raise DataError(f"no webdataset shards (*.tar) in {folder}; make them with `python -m "
-                                f"pipelines.pack --src <ImageFolder split> --dst {folder}`, or set data.layout=folder")
-            continue
-        check_split_folder(folder)
-        classes, _ = find_classes(str(folder))
-        if len(classes) != data.num_classes:
-            raise DataError(f"{folder} has {len(classes)} class folders but data.num_classes is "
-                            f"{data.num_classes}; set data.num_classes={len(classes)}")
-    return f"data: {data.root} ({data.layout}, {data.num_classes} classes, loader {data.loader})"
+    splits = [(split, check_split(data, split, scan=False))
+              for split in (("val",) if plan.evaluate else ("train", "val"))]
+    return (f"data: {data.root} ({data.layout}, {data.num_classes} classes, loader {data.loader}): "
+            + "; ".join(f"{split} {checked.total:,} images, {checked.how}" for split, checked in splits))
 
 
 def check_checkpoint(plan: Plan) -> str:

@@ -1,6 +1,7 @@
 """The data pre-flight (pipelines.preflight) and the manifests it reads (pipelines.verify --manifest), on real
 photo JPEGs: a matching manifest replaces the scan, one that does not match is not trusted, the ranks share the
-scan over a real gloo group under torchrun, and nothing in the training process forks."""
+scan over a real gloo group under torchrun, the launcher's pre-flight reports a damaged file once before
+torchrun starts, and nothing in the training process forks."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import loader_support
-from launch_support import REPO, env
+from launch_support import LAUNCH, REPO, build_digits, env, run, run_words
 from pipelines import CorruptImageError, build_loader
 from pipelines.manifest import NAME
 from pipelines.preflight import check_split
@@ -140,3 +141,41 @@ def test_two_ranks_share_the_scan_and_agree(photos, tmp_path):
     out = torchrun()
     refused = f"1 truncated JPEG(s) in {photos / 'train'}: {victim}; replace or delete them"
     assert f"rank 0: {refused}" in out and f"rank 1: {refused}" in out
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return build_digits(tmp_path_factory.mktemp("digits"))
+
+
+def preflight(root: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_ddp.py"), "--check", "--world-size", "2",
+                           *run_words(root, out, "run")], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_launcher_preflight_reads_the_manifest_and_reports_a_damaged_file_once(digits, tmp_path):
+    """`train_ddp.py --check` lists both splits and checks their manifests, reading no image: without a
+    manifest it says the ranks will check the files; with one it applies its verdicts, so a damaged file stops
+    the launcher once (exit 2, one line), before torchrun starts - MAX_RESTARTS=3 restarts nothing."""
+    root = tmp_path / "digits"
+    shutil.copytree(digits, root)
+    p = preflight(root, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (f"train 1,438 images, no manifest {root / 'train' / NAME}: the ranks check the files at start, each "
+            f"its share; val 359 images, no manifest") in p.stdout
+    victim = sorted((root / "val" / "4").iterdir())[0]
+    victim.write_bytes(os.urandom(victim.stat().st_size))
+    assert verify_main([str(root), "--manifest"]) == 1
+    p = preflight(root, tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    line = f"train_ddp.py: 1 undecodable file(s) in {root / 'val'}: {victim}; replace or delete them"
+    assert [x for x in p.stderr.splitlines() if x.startswith("train_ddp.py: ")][0].startswith(line)
+    rc, text = run([str(LAUNCH / "local.sh"), *run_words(root, tmp_path, "run")], tmp_path / "launch.log",
+                   timeout=120, MAX_RESTARTS="3", NPROC_PER_NODE="2")
+    assert rc == 2 and text.count(line) == 1 and "torch.distributed" not in text, text[-3000:]
+    victim.unlink()
+    assert verify_main([str(root), "--manifest"]) == 0
+    p = preflight(root, tmp_path)
+    assert p.returncode == 0 and f"train 1,438 images, the verdicts of {root / 'train' / NAME}; val 358 images, " \
+                                 f"the verdicts of {root / 'val' / NAME}" in p.stdout, p.stdout + p.stderr
