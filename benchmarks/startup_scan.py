@@ -14,8 +14,9 @@ slowest rank's time:
 * ``scan``: no manifest, every rank checks its 1/world share of the files (headers and end marker);
 * ``manifest``: a matching manifest in place - list, stat the rank's share, compare;
 * ``launcher``: ``check_split(scan=False)`` in one process, what ``train_ddp.py --check`` runs per split;
-* ``verify --manifest``: pipelines.verify.check_tree with write_manifests, fork processes (the command's
-  choice) vs threads (the library's), every file fully decoded; once per round, on ``--verify-files`` files.
+* ``verify --manifest``: what ``python -m pipelines.verify --manifest`` does (check_file of every file, a full
+  decode, then the manifest) in threads, as the command runs it, vs the same calls in fork processes; once per
+  round, on ``--verify-files`` files.
 
 Per-file costs (one process, ``--cost-files`` files): os.stat, the pre-flight's check (file_damage), PIL's
 header parse (Image.open), a full decode (pipelines.verify.check_image).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -93,15 +95,24 @@ def worker(tree: Path, files: int, scan: bool) -> None:
 
 
 def verify_worker(tree: Path, files: int, processes: bool) -> None:
-    from pipelines.verify import check_tree
+    """pipelines.verify's work on the first ``files`` files: check_file for each (threads: check_tree as the
+    command runs it; processes: the same calls in a fork Pool, the alternative), then the manifest."""
+    from pipelines.verify import check_file, check_tree, scan, write_manifest
     subset = tree.parent / f"verify-{files}"
     if not subset.is_dir():   # the first `files` of the tree, linked again (a dataset root of its own)
         for path in sorted((tree / "train").rglob("*.jpg"))[:files]:
             dst = subset / "train" / path.parent.name / path.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(path, dst)
+    cores = len(os.sched_getaffinity(0))
     start = time.perf_counter()
-    n, _, written = check_tree(subset, len(os.sched_getaffinity(0)), processes=processes, write_manifests=True)
+    if processes:
+        images, _ = scan(subset)
+        with mp.get_context("fork").Pool(cores) as pool:
+            results = pool.map(check_file, images, chunksize=64)
+        n, written = len(images), [write_manifest(subset / "train", dict(zip(images, results)))]
+    else:
+        n, _, written = check_tree(subset, cores, write_manifests=True)
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "files": n, "manifests": len(written)}),
           flush=True)
 
@@ -193,10 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         "manifest, 2 ranks": with_manifest(True, [*torchrun, *me[1:], "--worker", "scan"]),
         "launcher pre-flight, no manifest": with_manifest(False, [*me, "--worker", "launcher"]),
         "launcher pre-flight, manifest": with_manifest(True, [*me, "--worker", "launcher"]),
+        f"verify --manifest, {args.verify_files:,} files, threads (the command)": lambda: result_of(
+            [*me, "--worker", "verify-threads"]),
         f"verify --manifest, {args.verify_files:,} files, fork processes": lambda: result_of(
             [*me, "--worker", "verify-processes"]),
-        f"verify --manifest, {args.verify_files:,} files, threads": lambda: result_of(
-            [*me, "--worker", "verify-threads"]),
     }
     results = interleave(variants, args.rounds)
     (train / NAME).unlink(missing_ok=True)

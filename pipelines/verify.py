@@ -15,15 +15,14 @@ extension is not an image extension, and files lying directly in a split (not in
 size, mtime, label and verdict, with CHECK_VERSION) from the same pass; a loader that finds it matching its
 split uses these verdicts instead of checking the files at every start (pipelines.preflight).
 
-``find_bad_files(root)`` is the library entry point. The command decodes in fork processes (faster than
-threads here: benchmarks/RESULTS.md, "Start-up data check"); the library functions use threads unless told
-otherwise, because a fork inside a process with other threads (a training process: DALI's, torch's) copies
-locks those threads hold, and the child can wait on them forever.
+``find_bad_files(root)`` is the library entry point. Files are checked in threads, by the command as by the
+library: PIL decodes with the GIL released, and threads were faster than fork processes here in every round
+(benchmarks/RESULTS.md, "Start-up data check"). Inside a training process a fork would not even be safe: it
+copies locks that other threads (DALI's, torch's) hold, and the child can wait on them forever.
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -92,16 +91,11 @@ def check_file(path: str) -> tuple[int, int, Problem | None]:
     return st.st_size, st.st_mtime_ns, check_image(path)
 
 
-def map_files(fn: Callable[[T], R], items: list[T], workers: int, processes: bool = False,
-              chunk: int = 64) -> list[R]:
-    """``[fn(x) for x in items]`` in ``workers`` threads, or fork processes with ``processes`` (only in a
-    process without other threads: see the module docstring), ``chunk`` items per task."""
+def map_files(fn: Callable[[T], R], items: list[T], workers: int, chunk: int = 64) -> list[R]:
+    """``[fn(x) for x in items]`` in ``workers`` threads, ``chunk`` items per task."""
     workers = max(1, min(workers, -(-len(items) // chunk)))
     if workers == 1:
         return [fn(x) for x in items]
-    if processes:
-        with mp.get_context("fork").Pool(workers) as pool:
-            return pool.map(fn, items, chunksize=chunk)
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [r for part in pool.map(lambda c: [fn(x) for x in c], chunks) for r in part]
@@ -163,12 +157,12 @@ def write_manifest(split: Path, checked: dict[str, tuple[int, int, Problem | Non
     return manifest.write(split, entries, CHECK_VERSION)
 
 
-def check_tree(root: str | Path, workers: int | None = None, processes: bool = False,
+def check_tree(root: str | Path, workers: int | None = None,
                write_manifests: bool = False) -> tuple[int, list[Problem], list[Path]]:
     """(number of image files, every problem under ``root`` sorted by path, the manifests written);
     ``root`` is a split or a dataset root. ``write_manifests``: one per split, from the same decode."""
     images, problems = scan(root)
-    results = map_files(check_file, images, workers or len(os.sched_getaffinity(0)), processes)
+    results = map_files(check_file, images, workers or len(os.sched_getaffinity(0)))
     problems += [problem for _, _, problem in results if problem is not None]
     written = []
     if write_manifests and Path(root).is_dir():
@@ -185,7 +179,7 @@ def find_bad_files(root: str | Path, workers: int | None = None) -> list[Problem
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="a split (DIR/<class>/...) or a dataset root")
-    ap.add_argument("--workers", type=int, default=None, help="decode processes (default: all usable cores)")
+    ap.add_argument("--workers", type=int, default=None, help="decode threads (default: all usable cores)")
     ap.add_argument("--manifest", action="store_true",
                     help=f"also write each split's {manifest.NAME} (path, size, mtime, label, verdict) for the "
                          f"loaders' start-up check")
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     n_files, problems, written = 0, [], []
     for d in args.dirs:
         try:
-            n, found, manifests = check_tree(d, args.workers, processes=True, write_manifests=args.manifest)
+            n, found, manifests = check_tree(d, args.workers, write_manifests=args.manifest)
         except (OSError, ValueError) as e:   # a manifest that cannot be written: the message names the file
             print(f"pipelines.verify: error: {e}", file=sys.stderr)
             return 1
