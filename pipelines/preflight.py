@@ -156,9 +156,9 @@ def _decodes(data: bytes, headers_only: bool = False) -> bool:
 
 def jpeg_headers(data: bytes) -> Optional[bool]:
     """Whether the marker segments after a JPEG's start-of-image chain up to a start-of-scan, with a frame
-    header before it: what a decoder parses before the first pixel. Walks the segments' length fields only
-    (PIL's parser costs three times the whole check per file, benchmarks/RESULTS.md "Start-up data check").
-    None when ``data`` ends before the scan."""
+    header before it: what a decoder parses before the first pixel; None when ``data`` ends before the scan.
+    Walks the segments' length fields only: PIL's header parse alone costs about twice the whole check per
+    file (benchmarks/RESULTS.md, "Start-up data check")."""
     i, frame = 2, False
     while i + 4 <= len(data):
         if data[i] != 0xFF:

@@ -16,9 +16,9 @@ size, mtime, label and verdict, with CHECK_VERSION) from the same pass; a loader
 split uses these verdicts instead of checking the files at every start (pipelines.preflight).
 
 ``find_bad_files(root)`` is the library entry point. Files are checked in threads, by the command as by the
-library: PIL decodes with the GIL released, and threads were faster than fork processes here in every round
-(benchmarks/RESULTS.md, "Start-up data check"). Inside a training process a fork would not even be safe: it
-copies locks that other threads (DALI's, torch's) hold, and the child can wait on them forever.
+library: PIL decodes with the GIL released, and threads were faster than fork processes here (medians of two
+runs, benchmarks/RESULTS.md, "Start-up data check"). Inside a training process a fork would not even be safe:
+it copies locks that other threads (DALI's, torch's) hold, and the child can wait on them forever.
 """
 from __future__ import annotations
 
