@@ -43,7 +43,7 @@ from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, ma
 from fdmobilenet.logs import RunLogger, format_duration, format_metrics, run_metadata
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
-from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight
+from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
 from fdmobilenet.state import RunState
 
 PROG = "train_ddp.py"
@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true",
                     help="continue from {output_dir}/{label}.pth.tar (an error if it does not exist)")
     ap.add_argument("--no-resume", "--fresh", dest="fresh", action="store_true",
-                    help="start from scratch even if the label's checkpoint exists (overwrites it)")
+                    help="start from scratch even if the label's checkpoint exists (overwrites it); a torchrun "
+                         "restart or SLURM requeue of the job resumes instead")
     ap.add_argument("--evaluate", action="store_true",
                     help="only evaluate the label's checkpoint on the val split (an error if it does not exist)")
     ap.add_argument("--check", action="store_true",
@@ -98,8 +99,10 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
+    # --fresh is for a job's first start: when torchrun restarts the workers or SLURM requeues the job, the
+    # same command line comes again and must continue from what the job saved, not start over once more
     return Plan(cfg, world_sizes, Path(cfg.train.output_dir) / f"{cfg.train.label}.pth.tar", resume=args.resume,
-                fresh=args.fresh, evaluate=args.evaluate)
+                fresh=args.fresh and not restarts(), evaluate=args.evaluate)
 
 
 def build_loader(cfg: ExperimentConfig, split: str, batch: int, info: DistInfo):

@@ -16,6 +16,7 @@ checkpoint_to_resume), so the answers are the same in both places.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,8 +37,14 @@ class Plan:
     world_sizes: list[int]       # the world size it will run at (an elastic job: every size it may run at)
     checkpoint: Path             # {output_dir}/{label}.pth.tar
     resume: bool = False         # --resume: the checkpoint must exist
-    fresh: bool = False          # --fresh: start over even if it exists
+    fresh: bool = False          # --fresh: start over even if it exists (a first start only, see restarts)
     evaluate: bool = False       # --evaluate: only score the checkpoint (it must exist)
+
+
+def restarts() -> int:
+    """How often the launcher has started this job again: torchrun's restarts of its workers
+    (TORCHELASTIC_RESTART_COUNT) or SLURM's requeues (SLURM_RESTART_COUNT); 0 for a first start."""
+    return max(int(os.environ.get(name) or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def per_rank_batch(cfg: ExperimentConfig, world_size: int) -> int:
