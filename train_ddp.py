@@ -117,6 +117,8 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
     train_cfg, optim_cfg = cfg.train, cfg.optim
     seed_everything(train_cfg.seed, info.rank)
     setup_backends(info.device, train_cfg.deterministic)
+    # The 'auto' loader knobs become this rank's numbers first: the CPU split, the header, config.yaml use them.
+    cfg.data, data_auto = pipelines.resolve_loader_defaults(cfg.data, info.device)
     threads = set_cpu_threads(cfg.data)
     batch = per_rank_batch(cfg, info.world_size)
     saver = CheckpointSaver(train_cfg.output_dir, train_cfg.label)
@@ -162,13 +164,16 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
                   f"{trainer.global_step}, best top-1 {state.best_top1:.2f}%"
                   + (" (its steps are done: evaluation first)" if state.step == steps else ""))
 
-    config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size})
+    config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size,
+                                                  "data_auto": data_auto})
     val_images = val_loader.num_samples if train_cfg.val_steps <= 0 else min(val_loader.num_samples,
                                                                               train_cfg.val_steps * batch)
     log.print(f"FD-MobileNet {cfg.model.width_mult:g}x  {sum(p.numel() for p in module.parameters()):,} params | "
               f"{info.world_size} rank(s) on {info.device.type}, batch {batch}/rank = {optim_cfg.batch_size} "
               f"global, lr {scaled_lr(optim_cfg):g} | amp {amp_dtype} | compile {eval_model is not module} | "
-              f"torch threads {threads} | {type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
+              f"torch threads {threads} | "
+              f"loader auto: {', '.join(f'{k}={getattr(cfg.data, k)}' for k in data_auto) or '-'} | "
+              f"{type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
               f"{val_images} val images on rank 0 | config -> {config_file}")
 
     # The epochs. Each: train (log lines, step checkpoints and preemption polls at step boundaries, in

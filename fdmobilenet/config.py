@@ -76,10 +76,10 @@ class DataConfig:
     val_crop: int = 224                    # center crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    # loader speed knobs
-    num_threads: int = 4                   # DALI CPU threads, or DataLoader workers
-    prefetch_queue_depth: int = 2
-    hw_decoder_load: float = 0.65          # share of JPEGs sent to the hardware decoder (A100/H100)
+    # loader speed knobs; auto: chosen for this rank's GPU and CPUs (pipelines/defaults.py)
+    num_threads: int | Literal["auto"] = "auto"          # DALI CPU threads, or DataLoader workers
+    prefetch_queue_depth: int | Literal["auto"] = "auto"
+    hw_decoder_load: float | Literal["auto"] = "auto"    # share of JPEGs for the hardware decoder (A100, H100)
     preallocate_width_hint: int = 0        # 0 = DALI's default
     preallocate_height_hint: int = 0
     dont_use_mmap: bool = False
