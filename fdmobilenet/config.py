@@ -140,6 +140,8 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # torch.compile backend (aot_eager: no C++/Triton builds, for smoke runs)
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    # the training step as one CUDA graph (fdmobilenet/cuda_graph.py); auto: off until measured faster
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     save_every_steps: int = 0              # 0 = once per epoch
     auto_resume: bool = True               # continue from checkpoints/{label}.pth.tar when it exists
     deterministic: bool = False

@@ -134,9 +134,11 @@ def test_the_trainer_prints_and_records_the_resolved_values(tmp_path):
     threads = defaults.rank_cpus(defaults.probe(torch.device("cpu")))[0]
     header = next(line for line in p.stdout.splitlines() if line.startswith("FD-MobileNet"))
     assert f"loader auto: hw_decoder_load=0.0, num_threads={threads}, prefetch_queue_depth=2 |" in header
+    assert "cuda graphs auto -> off (this run is on the cpu" in header
     saved = yaml.safe_load((tmp_path / "auto.config.yaml").read_text())
     assert (saved["data"]["num_threads"], saved["data"]["prefetch_queue_depth"]) == (threads, 2)
     assert saved["run"]["data_auto"]["num_threads"].startswith(f"{threads} (")
+    assert saved["run"]["cuda_graphs"].startswith("auto -> off (this run is on the cpu")
     # evaluate.py splits the CPU between torch and the loader too: it resolves 'auto' first
     p = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(tmp_path / "auto.pth.tar"),
                         "data.num_threads=auto", "data.val_resize=36", "data.val_crop=32"], cwd=REPO,
