@@ -220,7 +220,8 @@ step ddp "$PY" benchmarks/train_steps.py --steps "$DDP_STEPS" --steps-per-epoch 
   --data imagenet-aggressive --optim SGD-120-nesterov --sched StepLR-30-0.1 --label ddp-bench --fresh \
   "${DDP[@]}" "data.root=$DATA" "data.num_classes=$CLASSES" "data.loader=$DDP_LOADER" optim.epochs=3 \
   train.eval_every=0 train.plot=false "train.output_dir=$WORK/ddp"
-[[ $MODE == gpu ]] && step gpu_demo "$PY" -m pytest -m gpu -k digits_demo -v -p no:cacheprovider --continue-on-collection-errors tests
+[[ $MODE == gpu ]] && step gpu_demo "$PY" -m pytest -m gpu -k digits_demo -v -p no:cacheprovider \
+  --continue-on-collection-errors tests
 if [[ $MODE == cpu ]]; then
   # DDP cost on gloo: the same per-rank step, 1 rank vs 2 ranks (1 thread each, so they do not share a core)
   for n in 1 2; do

@@ -271,7 +271,8 @@ def test_graphed_step_equals_eager_after_5_steps_on_the_gpu():
         torch.use_deterministic_algorithms(False)
 
 
-def gpu_run(digits: Path, out: Path, label: str, *extra: str, faults: dict | None = None) -> subprocess.CompletedProcess:
+def gpu_run(digits: Path, out: Path, label: str, *extra: str,
+            faults: dict | None = None) -> subprocess.CompletedProcess:
     """train_ddp.py on the GPU, deterministic, fp32, no compile, torchvision loader in the main process (so
     that a resumed run draws the same augmentations), lr 2^-4 (exact in float32). ``faults``: keywords of
     fault_plugin.fault_env."""

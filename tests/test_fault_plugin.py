@@ -11,7 +11,7 @@ import sys
 from fault_plugin import HERE as PLUGIN, REPO, fault_env
 from fault_plugin.sitecustomize import VARIABLES
 
-# What a subprocess reports about the plugin and the two functions it may patch.
+# What a subprocess reports about the plugin and two functions it may patch (GraphedStep.step: GRAPHED below).
 PROBE = """
 import sys
 import fdmobilenet.checkpoint as checkpoint, fdmobilenet.engine as engine

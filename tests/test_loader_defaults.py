@@ -119,7 +119,8 @@ def test_a_real_affinity_mask_decides_the_thread_count():
             "from fdmobilenet.config import DataConfig; from pipelines import resolve_loader_defaults; "
             "d, why = resolve_loader_defaults(DataConfig(), torch.device('cpu')); "
             "print(d.num_threads, why['num_threads'])")
-    clean = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "SLURM_STEP_ID")}
+    launchers = ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "SLURM_STEP_ID")
+    clean = {k: v for k, v in os.environ.items() if k not in launchers}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.startswith("1 1 (1 CPUs in the affinity mask / 1 (this process alone) = 1)"), out
