@@ -31,7 +31,7 @@ import torch
 
 from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
 from fdmobilenet.config import load_family
-from pipelines import build_loader
+from pipelines import build_loader, resolve_loader_defaults
 from pipelines.photo_set import build_photo_set
 
 SECTION = "Pipeline throughput"
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     variants += [Variant("dali", t, hw) for hw in (args.hw_decoder_load if gpu else [None]) for t in threads]
     rounds = {}
     for v in variants:
-        cfg = dataclasses.replace(base, loader=v.loader, num_threads=v.threads,
-                                  hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None
-                                  else v.hw_decoder_load)
+        cfg = resolve_loader_defaults(dataclasses.replace(
+            base, loader=v.loader, num_threads=v.threads,
+            hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None else v.hw_decoder_load), device)[0]
         loader = build_loader(cfg, "train", batch, device=device)
         stream = endless(loader)
         pull(stream, warmup)

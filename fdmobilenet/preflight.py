@@ -6,13 +6,13 @@ The launchers (launch/*.sh, launch/*.sbatch) run it before torchrun / srun and s
 user's mistake exits 2 with one line (fdmobilenet.cli), so a job that cannot work is never started,
 restarted by torchrun (--max-restarts restarts a worker whatever its exit code) or requeued by SLURM. It is
 cheap - no device, no loader, no image decoded: the config resolved, the global batch against the planned
-world size(s), the data root's split and class folders listed, the checkpoint the run would resume from
-loaded and fitted to the model.
+world size(s), ``train.cuda_graphs=on`` against them and the AMP / SGD settings, the data root's split and
+class folders listed, the checkpoint the run would resume from loaded and fitted to the model.
 
 The checks are the functions in CHECKS, run in order; each takes the Plan and returns a line for the report
 or raises a user error (fdmobilenet.cli.USER_ERRORS). A new check (e.g. a data manifest) is one more function
 on that list. The workers themselves call the parts that decide what they do (per_rank_batch,
-checkpoint_to_resume), so the answers are the same in both places.
+use_cuda_graphs, checkpoint_to_resume), so the answers are the same in both places.
 """
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from torchvision.datasets.folder import find_classes
 
 from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights
 from fdmobilenet.cli import UsageError
 from fdmobilenet.config import ExperimentConfig, from_dict
+from fdmobilenet.cuda_graph import use_cuda_graphs
+from fdmobilenet.distributed import DistInfo
 from fdmobilenet.model import FDMobileNet
 from pipelines.base import DataError, check_split_folder, split_dir
 
@@ -94,6 +97,19 @@ def check_batch(plan: Plan) -> str:
     return f"global batch {plan.config.optim.batch_size} = {' or '.join(shares)} ranks"
 
 
+def check_cuda_graphs(plan: Plan) -> str:
+    """The ranks' own decision (fdmobilenet.cuda_graph.use_cuda_graphs) for what is known here - the world
+    sizes, train.amp, optim.impl, train.compile_mode, an explicit train.device=cpu - so that an impossible
+    ``train.cuda_graphs=on`` never starts (under torchrun --max-restarts it would be restarted). Whether the
+    ranks see a GPU, and whether it has bf16 (amp auto), is theirs to find."""
+    train = plan.config.train
+    device = torch.device("cpu" if train.device == "cpu" else "cuda")
+    amp = {"off": None, "fp16": torch.float16}.get(train.amp, torch.bfloat16)
+    decisions = {use_cuda_graphs(plan.config, DistInfo(0, 0, n, device), amp)[1] for n in plan.world_sizes}
+    gpu_assumed = train.cuda_graphs != "off" and train.device != "cpu"
+    return f"cuda graphs: {' / '.join(sorted(decisions))}" + (", if the ranks have a GPU" if gpu_assumed else "")
+
+
 def check_data(plan: Plan) -> str:
     """The split folders exist and hold data.num_classes class folders (folder layout) or shards
     (webdataset); the loaders check every file when they start."""
@@ -124,7 +140,7 @@ def check_checkpoint(plan: Plan) -> str:
     return f"checkpoint: {done}" if done and not plan.evaluate else f"checkpoint: {plan.checkpoint} ({where})"
 
 
-CHECKS: list[Callable[[Plan], str]] = [check_batch, check_data, check_checkpoint]
+CHECKS: list[Callable[[Plan], str]] = [check_batch, check_cuda_graphs, check_data, check_checkpoint]
 
 
 def preflight(plan: Plan) -> list[str]:

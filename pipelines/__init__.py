@@ -7,8 +7,9 @@ import torch
 
 from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, CorruptImageError, DataError
+from pipelines.defaults import resolve_loader_defaults
 
-__all__ = ["build_loader", "BatchLoader", "DataError", "CorruptImageError"]
+__all__ = ["build_loader", "resolve_loader_defaults", "BatchLoader", "DataError", "CorruptImageError"]
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -19,6 +20,7 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
     the number of shards, ``local_rank`` the GPU on this node (DALI's device_id; ignored on CPU). 'dali'
     runs mixed/GPU ops when ``device.type == 'cuda'`` and the same graph on the CPU otherwise.
     ``epochs_hint`` is part of the interface for loaders that plan whole runs; none of these needs it.
+    Loader knobs set to ``auto`` get this rank's values first (pipelines.defaults).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -26,6 +28,7 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
         raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    data, _ = resolve_loader_defaults(data, device)   # the 'auto' loader knobs, for this rank's GPU and CPUs
     if data.loader == "dali":
         from pipelines.dali import DaliLoader   # DALI is optional: import it only when asked for
         return DaliLoader(data, split, batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
