@@ -71,6 +71,13 @@ def _slurm_master_addr() -> str:
     return out[0]
 
 
+def slurm_job_port() -> int:
+    """The port of this SLURM job's rendezvous / process-group store: 29500 + (job id mod 10000), so two jobs
+    sharing a node do not collide. The one copy of the rule: the sbatch scripts ask for it too
+    (launch/common.sh slurm_job_port)."""
+    return DEFAULT_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
+
+
 def _env_from_slurm() -> None:
     """Translate srun's task variables into the ones torch.distributed's env:// reads."""
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -78,8 +85,7 @@ def _env_from_slurm() -> None:
     os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _slurm_master_addr()
-    job = int(os.environ.get("SLURM_JOB_ID", "0"))
-    os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT + job % 10000))
+    os.environ.setdefault("MASTER_PORT", str(slurm_job_port()))
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:
