@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -34,6 +35,8 @@ DEFAULT_PORT = 29500
 # rely on this timeout: the launcher ends the job (torchrun stops the other workers when one exits non-zero;
 # srun --kill-on-bad-exit=1), and gloo peers see the closed connection at once.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long a rank other than 0 waits before it exits on a start-up mistake that rank 0 reports (run_rank).
+REPORT_GRACE_S = 10
 
 
 @dataclass
@@ -144,6 +147,10 @@ def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> 
     except cli.USER_ERRORS as e:
         if info.is_main or info.report_own_errors:
             cli.report(prog if info.is_main else f"[rank {info.rank}] {prog}", e)
+        else:
+            # Every rank finds a start-up mistake and rank 0 reports it: a rank that exited first would have
+            # torchrun stop rank 0 before its line is out. Rank 0's own exit ends the wait.
+            time.sleep(REPORT_GRACE_S)
         sys.stdout.flush()
         os._exit(cli.EXIT_USAGE)
     except BaseException:
