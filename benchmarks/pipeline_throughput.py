@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Iterator, Optional
 
 import torch
 
-from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
+from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
 from fdmobilenet.config import load_family
 from pipelines import build_loader, resolve_loader_defaults
 from pipelines.photo_set import build_photo_set
@@ -50,14 +51,6 @@ class Variant:
         hw = f", hw_decoder_load {self.hw_decoder_load}" if device.type == "cuda" else ""
         return f"DALI {decode} decode, {self.threads} threads{hw}"
 
-
-def endless(loader) -> Iterator:
-    """Batches across epoch boundaries (set_epoch before each epoch, as a trainer does)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def pull(batches: Iterator, n: int) -> None:

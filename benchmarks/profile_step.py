@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import environment, sync, write_json
+from common import environment, write_json
 from fdmobilenet.distributed import DistInfo, resolve_device
-from fdmobilenet.engine import setup_backends
+from fdmobilenet.engine import setup_backends, sync
 from train_throughput import VARIANTS, build_trainer, endless, step_of, synthetic_batches
 
 MAX_TRACE_BYTES = 15 << 20   # the GPU host returns files of at most 16 MiB

@@ -46,13 +46,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
+from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
 from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, choices, load_experiment
 from fdmobilenet.cuda_graph import GraphedStep
 from fdmobilenet.distributed import DistInfo, init_distributed, resolve_device, shutdown
@@ -166,14 +167,6 @@ def synthetic_batches(batch: int, size: int, dtype: torch.dtype, channels_last: 
         yield pool[i % 2]
         i += 1
 
-
-def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches across epoch boundaries, calling set_epoch as the trainer does."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 @dataclass
