@@ -102,6 +102,7 @@ def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
     label_map = check_labels(args, cfg, num_classes, info.device)
     module = FDMobileNet(cfg.model.width_mult, num_classes=num_classes, dropout=cfg.model.dropout)
     load_weights(module, weights, args.checkpoint)
+    cfg.data = pipelines.resolve_loader_defaults(cfg.data, info.device)[0]   # 'auto' knobs: this rank's numbers
     set_cpu_threads(cfg.data)
     cfg.train.compile = "off" if cfg.train.compile == "auto" else cfg.train.compile   # one pass: no gain
     _, model = prepare_model(module, cfg.train, info)

@@ -37,13 +37,14 @@ import pipelines
 from fdmobilenet import cli, watchdog
 from fdmobilenet.checkpoint import CheckpointSaver, load_weights
 from fdmobilenet.config import ExperimentConfig, apply_overrides, load_experiment, load_model_ref, to_dict
+from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
 from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
                                 resolve_amp, set_cpu_threads, setup_backends, train_one_epoch, validate)
 from fdmobilenet.logs import RunLogger, format_duration, format_metrics, run_metadata
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
-from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight
+from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
 from fdmobilenet.state import RunState
 
 PROG = "train_ddp.py"
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true",
                     help="continue from {output_dir}/{label}.pth.tar (an error if it does not exist)")
     ap.add_argument("--no-resume", "--fresh", dest="fresh", action="store_true",
-                    help="start from scratch even if the label's checkpoint exists (overwrites it)")
+                    help="start from scratch even if the label's checkpoint exists (overwrites it); a torchrun "
+                         "restart or SLURM requeue of the job resumes instead")
     ap.add_argument("--evaluate", action="store_true",
                     help="only evaluate the label's checkpoint on the val split (an error if it does not exist)")
     ap.add_argument("--check", action="store_true",
@@ -98,8 +100,10 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
+    # --fresh is for a job's first start: when torchrun restarts the workers or SLURM requeues the job, the
+    # same command line comes again and must continue from what the job saved, not start over once more
     return Plan(cfg, world_sizes, Path(cfg.train.output_dir) / f"{cfg.train.label}.pth.tar", resume=args.resume,
-                fresh=args.fresh, evaluate=args.evaluate)
+                fresh=args.fresh and not restarts(), evaluate=args.evaluate)
 
 
 def build_loader(cfg: ExperimentConfig, split: str, batch: int, info: DistInfo):
@@ -117,6 +121,8 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
     train_cfg, optim_cfg = cfg.train, cfg.optim
     seed_everything(train_cfg.seed, info.rank)
     setup_backends(info.device, train_cfg.deterministic)
+    # The 'auto' loader knobs become this rank's numbers first: the CPU split, the header, config.yaml use them.
+    cfg.data, data_auto = pipelines.resolve_loader_defaults(cfg.data, info.device)
     threads = set_cpu_threads(cfg.data)
     batch = per_rank_batch(cfg, info.world_size)
     saver = CheckpointSaver(train_cfg.output_dir, train_cfg.label)
@@ -143,6 +149,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
             print(f"evaluate {saver.path}: {format_metrics(m)}", flush=True)
         return
 
+    graphed, graphs_why = use_cuda_graphs(cfg, info, amp_dtype)   # an 'on' that cannot work: a user error
     train_loader = build_loader(cfg, "train", batch, info)
     steps = len(train_loader) if train_cfg.steps_per_epoch <= 0 else min(len(train_loader),
                                                                           train_cfg.steps_per_epoch)
@@ -152,6 +159,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
                       criterion=nn.CrossEntropyLoss(label_smoothing=optim_cfg.label_smoothing), info=info,
                       amp_dtype=amp_dtype, scaler=make_grad_scaler(info.device, amp_dtype),
                       ema=build_ema(module, optim_cfg.ema_decay))
+    step = GraphedStep(trainer).step if graphed else None   # None: Trainer.step, eager
     state, resumed = RunState(trainer, train_loader, cfg, steps), ckpt is not None
     if resumed:
         state.load_state_dict(ckpt, str(saver.path))
@@ -162,13 +170,16 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
                   f"{trainer.global_step}, best top-1 {state.best_top1:.2f}%"
                   + (" (its steps are done: evaluation first)" if state.step == steps else ""))
 
-    config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size})
+    config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size,
+                                                  "data_auto": data_auto, "cuda_graphs": graphs_why})
     val_images = val_loader.num_samples if train_cfg.val_steps <= 0 else min(val_loader.num_samples,
                                                                               train_cfg.val_steps * batch)
     log.print(f"FD-MobileNet {cfg.model.width_mult:g}x  {sum(p.numel() for p in module.parameters()):,} params | "
               f"{info.world_size} rank(s) on {info.device.type}, batch {batch}/rank = {optim_cfg.batch_size} "
               f"global, lr {scaled_lr(optim_cfg):g} | amp {amp_dtype} | compile {eval_model is not module} | "
-              f"torch threads {threads} | {type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
+              f"cuda graphs {graphs_why} | torch threads {threads} | "
+              f"loader auto: {', '.join(f'{k}={getattr(cfg.data, k)}' for k in data_auto) or '-'} | "
+              f"{type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
               f"{val_images} val images on rank 0 | config -> {config_file}")
 
     # The epochs. Each: train (log lines, step checkpoints and preemption polls at step boundaries, in
@@ -179,7 +190,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
     run_start = time.perf_counter()
     try:
         while state.epoch < optim_cfg.epochs:
-            summary = train_one_epoch(state, train_cfg, log, saver, preempt)
+            summary = train_one_epoch(state, train_cfg, log, saver, preempt, step)
             if evaluation_due(cfg, state.epoch):
                 summary.update(validate(state, eval_model, val_loader, train_cfg, saver, preempt))
             best = state.end_epoch(summary)

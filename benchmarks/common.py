@@ -4,10 +4,11 @@ Benchmark scripts import it as ``from common import ...`` (a script's own folder
 
 * ``environment(argv)``: fdmobilenet.logs.run_metadata (commit, dirty flag, command, versions) plus the machine:
   CPU model, usable cores, load average, and on CUDA the GPU, driver and CUDA runtime.
-* ``sync(device)`` / ``timed(fn, device)``: wall seconds of ``fn()`` between two device synchronisations.
+* ``timed(fn, device)``: wall seconds of ``fn()`` between two device synchronisations (fdmobilenet.engine.sync).
+* ``endless(loader)``: batches across epoch boundaries, set_epoch before each epoch.
 * ``interleave(fns, rounds)``: runs A B C A B C ... and returns each variant's list of results, so drift of the
   machine (clocks, other load) spreads over every variant instead of biasing the one that ran last.
-* ``median``, ``markdown_table``, ``write_json`` (whole file replaced at once, so a reader never sees half).
+* ``markdown_table``, ``write_json`` (whole file replaced at once, so a reader never sees half).
 * ``record(section, text, path=RESULTS)``: appends ``text`` at the end of ``## section`` of RESULTS.md (the
   section and the file are created when missing); other sections are left byte for byte as they were.
 """
@@ -16,11 +17,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 # torch (and fdmobilenet, which imports it) load inside the functions that need them: collect_results.py
 # uses the table and file helpers after every run_gpu.sh step and should not pay torch's import each time.
@@ -79,14 +79,18 @@ def describe(meta: dict) -> str:
             f"`{meta.get('command')}`")
 
 
-def sync(device: "torch.device") -> None:
-    if device.type == "cuda":
-        import torch
-        torch.cuda.synchronize(device)
+def endless(loader) -> Iterator:
+    """Batches across epoch boundaries, calling set_epoch before each epoch as the trainer does."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def timed(fn: Callable[[], Any], device: "torch.device") -> float:
     """Seconds of ``fn()``, with the device idle at both ends (queued GPU work is counted, not skipped)."""
+    from fdmobilenet.engine import sync
     sync(device)
     start = time.perf_counter()
     fn()
@@ -101,10 +105,6 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list
         for name, fn in fns.items():
             out[name].append(fn())
     return out
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:

@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
-from common import describe, environment, interleave, markdown_table, median, record, write_json
+from common import describe, environment, interleave, markdown_table, record, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "Trainer CPU threads (one process)"

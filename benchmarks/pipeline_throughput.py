@@ -25,13 +25,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Iterator, Optional
 
 import torch
 
-from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
+from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
 from fdmobilenet.config import load_family
-from pipelines import build_loader
+from pipelines import build_loader, resolve_loader_defaults
 from pipelines.photo_set import build_photo_set
 
 SECTION = "Pipeline throughput"
@@ -50,14 +51,6 @@ class Variant:
         hw = f", hw_decoder_load {self.hw_decoder_load}" if device.type == "cuda" else ""
         return f"DALI {decode} decode, {self.threads} threads{hw}"
 
-
-def endless(loader) -> Iterator:
-    """Batches across epoch boundaries (set_epoch before each epoch, as a trainer does)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def pull(batches: Iterator, n: int) -> None:
@@ -124,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     variants += [Variant("dali", t, hw) for hw in (args.hw_decoder_load if gpu else [None]) for t in threads]
     rounds = {}
     for v in variants:
-        cfg = dataclasses.replace(base, loader=v.loader, num_threads=v.threads,
-                                  hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None
-                                  else v.hw_decoder_load)
+        cfg = resolve_loader_defaults(dataclasses.replace(
+            base, loader=v.loader, num_threads=v.threads,
+            hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None else v.hw_decoder_load), device)[0]
         loader = build_loader(cfg, "train", batch, device=device)
         stream = endless(loader)
         pull(stream, warmup)

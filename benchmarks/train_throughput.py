@@ -1,27 +1,35 @@
 """Training throughput of FD-MobileNet: the model's compute ceiling and end-to-end rates with real loaders.
 
 A step is the trainer's own (fdmobilenet.engine.Trainer.step: forward, loss, backward, SGD step, lr schedule
-step) on a model prepared by engine.prepare_model (device, channels_last, torch.compile, DDP), so what is timed
-here is what train_ddp.py runs.
+step, or fdmobilenet.cuda_graph.GraphedStep for the graphed variant) on a model prepared by
+engine.prepare_model (device, channels_last, torch.compile, DDP), so what is timed here is what train_ddp.py
+runs.
 
 * model-only (``--variants``): synthetic, device-resident batches (random values, two buffers in turn) - the
   ceiling no loader can beat. Variants: eager_fp32_nchw, channels_last, channels_last_bf16 (+ AMP bf16),
-  compiled (+ torch.compile). They run interleaved (A B C D A B C D ...), one window each per round.
+  compiled (+ torch.compile), and on CUDA compiled_cuda_graphs (compiled + the whole step as one CUDA graph,
+  train.cuda_graphs=on) and reduce_overhead (torch.compile(mode="reduce-overhead"): inductor's own CUDA graphs
+  of forward and backward, the optimizer eager). They run interleaved (A B C ... A B C ...), one window each
+  per round.
 * end to end (``--loaders dali,torchvision``): pipelines.build_loader over the JPEGs under ``--data-root``,
   trained with ``--e2e-variant``, beside that variant's synthetic ceiling measured in the same process:
-  e2e / ceiling says how data-bound training is. Loaders run one after the other, not interleaved: their
-  queues fill while idle, and a window that starts on a full queue would time prefetched batches.
+  e2e / ceiling says how data-bound training is. ``--dali-settings 0.65:4,0.99:8`` runs DALI once per
+  hw_decoder_load:threads pair (CUDA). Loaders run one after the other, not interleaved: their queues fill
+  while idle, and a window that starts on a full queue would time prefetched batches.
 
-Timing: warm-up steps first (cuDNN autotuning, compilation; a compiled variant's first step is reported as
-``first_step_s``), then ``--windows`` windows of wall time between device synchronisations; each window has
-enough steps to last ``--window-s`` (from the warm-up step time). Reported: median img/s over the windows and
-their spread, step time, peak device memory (torch.cuda.max_memory_allocated; n/a on CPU), and MFU = 3 x
-forward FLOPs/image x img/s / the device's dense bf16 peak.
+Timing: warm-up steps first (cuDNN autotuning, compilation, graph capture; a compiled variant's first step is
+reported as ``first_step_s``), then ``--windows`` windows of wall time between device synchronisations; each
+window has enough steps to last ``--window-s`` (from the warm-up step time). Reported: median img/s over the
+windows and their spread, step time, the share of the window spent waiting for the next batch (data wait),
+peak memory (torch's peak allocation, and the device's used memory - torch's reserve, DALI's pools, the CUDA
+context - from cudaMemGetInfo after each window; n/a on CPU), MFU = 3 x forward FLOPs/image x img/s / the
+device's dense bf16 peak, and the activation traffic rate: fdmobilenet.flops' model of the bytes a step
+moves per image x img/s, against the datasheet bandwidth and a measured device-to-device copy.
 
 Under torchrun with ``--ddp`` every rank trains its own ``--batch-sizes`` batch in DistributedDataParallel and
 rank 0 reports the slowest rank's windows (global img/s = world size x batch / step).
 
-    python benchmarks/train_throughput.py --widths 1,0.5,0.25 --batch-sizes 256 --json out.json
+    python benchmarks/train_throughput.py --widths 1,0.5,0.25 --batch-sizes 256,512 --json out.json
     python benchmarks/train_throughput.py --variants none --loaders torchvision,dali --data-root data/photos
     torchrun --nproc_per_node 2 benchmarks/train_throughput.py --ddp --variants channels_last --threads 1
 """
@@ -38,23 +46,28 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common import describe, environment, interleave, markdown_table, median, record, timed, write_json
+from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
 from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, choices, load_experiment
+from fdmobilenet.cuda_graph import GraphedStep
 from fdmobilenet.distributed import DistInfo, init_distributed, resolve_device, shutdown
 from fdmobilenet.engine import Trainer, make_grad_scaler, prepare_model, resolve_amp, setup_backends
-from fdmobilenet.flops import count_macs
+from fdmobilenet.flops import ACTIVATION_ACCESSES, activation_elements, count_macs
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_optimizer, build_scheduler
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s. First match of the device name.
 PEAK_BF16_DENSE = (("H100 PCIe", 756e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12), ("H200 NVL", 835.5e12),
                    ("H200", 989.4e12), ("A100", 312e12))
+# Memory bandwidth from the same datasheets, bytes/s. First match of the device name.
+PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
+                  ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12))
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class Variant:
     channels_last: bool
     amp: bool
     compile: bool
+    compile_mode: str = "default"
+    cuda_graphs: bool = False       # the whole step as one CUDA graph (fdmobilenet.cuda_graph)
 
 
 VARIANTS = {
@@ -69,17 +84,34 @@ VARIANTS = {
     "channels_last": Variant(channels_last=True, amp=False, compile=False),
     "channels_last_bf16": Variant(channels_last=True, amp=True, compile=False),
     "compiled": Variant(channels_last=True, amp=True, compile=True),
+    "compiled_cuda_graphs": Variant(channels_last=True, amp=True, compile=True, cuda_graphs=True),
+    "reduce_overhead": Variant(channels_last=True, amp=True, compile=True, compile_mode="reduce-overhead"),
 }
+GPU_ONLY = ("compiled_cuda_graphs", "reduce_overhead")   # CUDA graphs, of either kind
 
 
-def peak_bf16(device: torch.device) -> tuple[Optional[float], str]:
+def datasheet(table, device: torch.device, unit: float, what: str) -> tuple[Optional[float], str]:
+    """First entry of ``table`` whose key is in the device's name: (value, description)."""
     if device.type != "cuda":
         return None, "n/a (CPU)"
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_DENSE:
+    for key, value in table:
         if key in name:
-            return peak, f"{peak / 1e12:.1f} TFLOP/s dense bf16 ({key} datasheet)"
-    return None, f"n/a (no datasheet peak known for {name})"
+            return value, f"{value / unit:g} {what} ({key} datasheet)"
+    return None, f"n/a (no datasheet figure known for {name})"
+
+
+def peak_bf16(device: torch.device) -> tuple[Optional[float], str]:
+    return datasheet(PEAK_BF16_DENSE, device, 1e12, "TFLOP/s dense bf16")
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, reps: int = 10) -> float:
+    """Measured device-to-device copy rate (bytes read + written per second, median of ``reps``)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    return 2 * nbytes / median([timed(lambda: dst.copy_(src), device) for _ in range(reps)])
 
 
 def matmul_bf16_rate(device: torch.device, n: int = 8192, reps: int = 10) -> float:
@@ -96,8 +128,19 @@ def prepare(module: nn.Module, variant: Variant, info: DistInfo, backend: str) -
     """engine.prepare_model with the variant's switches (``backend``: aot_eager for the --cpu smoke run,
     where inductor's C++ builds take minutes on 2 cores)."""
     cfg = TrainConfig(channels_last=variant.channels_last, compile="on" if variant.compile else "off",
-                      compile_backend=backend)
+                      compile_backend=backend, compile_mode=variant.compile_mode)
     return prepare_model(module, cfg, info)[0]
+
+
+def cudagraph_skips() -> int:
+    """How often inductor has declined to use CUDA graphs in this process (its own counter)."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def step_of(trainer: Trainer, variant: Variant):
+    """The step function train_ddp.py would run for this variant."""
+    return GraphedStep(trainer).step if variant.cuda_graphs else trainer.step
 
 
 def build_trainer(width: float, variant: Variant, info: DistInfo, backend: str) -> Trainer:
@@ -125,28 +168,40 @@ def synthetic_batches(batch: int, size: int, dtype: torch.dtype, channels_last: 
         i += 1
 
 
-def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches across epoch boundaries, calling set_epoch as the trainer does."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+
+@dataclass
+class Cost:
+    """Per-image work of one width and variant: what MFU and the activation traffic rate are made of."""
+    fwd_flops: int
+    activation_bytes: int         # ACTIVATION_ACCESSES x activation elements x element size
+    peak_flops: Optional[float]
+    peak_bandwidth: Optional[float]
+
+    def rates(self, img_s: float) -> dict:
+        traffic = self.activation_bytes * img_s
+        return {"mfu_pct": round(100 * 3 * self.fwd_flops * img_s / self.peak_flops, 2) if self.peak_flops else "n/a",
+                "act_mb_img": round(self.activation_bytes / 1e6, 2), "act_tb_s": round(traffic / 1e12, 3),
+                "bw_pct": round(100 * traffic / self.peak_bandwidth, 1) if self.peak_bandwidth else "n/a"}
 
 
 class Runner:
-    """One trainer on one batch source: warm-up, then timed windows (each a callable for interleave)."""
+    """One step function on one batch source: warm-up, then timed windows (each a callable for interleave)."""
 
-    def __init__(self, trainer: Trainer, batches: Iterator, batch: int, info: DistInfo):
-        self.t, self.batches, self.batch, self.info = trainer, batches, batch, info
+    def __init__(self, step: Callable, batches: Iterator, batch: int, info: DistInfo):
+        self.step, self.batches, self.batch, self.info = step, batches, batch, info
         self.steps = 1
         self.first_step_s: Optional[float] = None
         self.loss = None
-        self.peak_bytes = 0
+        self.peak_bytes = self.device_used = 0
+        self.waited = 0.0
+        self.wait_shares: list[float] = []
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            self.loss, _ = self.t.step(*next(self.batches))
+            fetch = time.perf_counter()
+            batch = next(self.batches)
+            self.waited += time.perf_counter() - fetch
+            self.loss, _ = self.step(*batch)
 
     def warm_up(self, steps: int, window_s: float) -> None:
         self.first_step_s = timed(lambda: self.run(1), self.info.device)
@@ -163,51 +218,63 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(device)
         if self.info.distributed:
             dist.barrier(group=self.info.control_group)
+        self.waited = 0.0
         seconds = timed(lambda: self.run(self.steps), device)
+        self.wait_shares.append(self.waited / seconds)
         if self.info.distributed:    # the slowest rank sets the pace
             s = torch.tensor(seconds)
             dist.all_reduce(s, op=dist.ReduceOp.MAX, group=self.info.control_group)
             seconds = float(s.item())
         if device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(device))
+            free, total = torch.cuda.mem_get_info(device)
+            self.device_used = max(self.device_used, total - free)
         return seconds
 
-    def result(self, windows: list[float], fwd_flops: int, peak: Optional[float]) -> dict:
+    def result(self, windows: list[float], cost: Cost) -> dict:
         loss = float(self.loss.item())
         if not math.isfinite(loss):
             raise RuntimeError(f"non-finite training loss {loss} while benchmarking: the numbers are void")
         rates = [self.batch * self.steps * self.info.world_size / w for w in windows]
         img_s = median(rates)
+        cuda = self.info.device.type == "cuda"
         row = {"img_s": round(img_s, 1), "step_ms": round(1e3 * median(windows) / self.steps, 3),
                "steps_per_window": self.steps, "windows_img_s": [round(r, 1) for r in rates],
                "spread_pct": round(100 * (max(rates) - min(rates)) / img_s, 1),
-               "peak_mem_mib": round(self.peak_bytes / 2**20) if self.info.device.type == "cuda" else "n/a",
-               "mfu_pct": round(100 * 3 * fwd_flops * img_s / peak, 2) if peak else "n/a",
+               "data_wait_pct": round(100 * median(self.wait_shares[-len(windows):]), 1),
+               "peak_mem_mib": round(self.peak_bytes / 2**20) if cuda else "n/a",
+               "device_used_mib": round(self.device_used / 2**20) if cuda else "n/a",
                "first_step_s": round(self.first_step_s, 2), "loss": round(loss, 3)}
-        return row
+        return {**row, **cost.rates(img_s)}
 
 
 # ------------------------------------------------------------------------------------------------ phases
-def model_only(args, info: DistInfo, width: float, batch: int, fwd_flops: int, peak: Optional[float]) -> list:
-    runners = {}
+def model_only(args, info: DistInfo, width: float, batch: int, cost: Callable[[Variant], Cost]) -> list:
+    trainers, runners, skipped = {}, {}, {}
     for name in args.variants:
         v = VARIANTS[name]
         # the dtype a loader hands over under AMP on CUDA (float16); fp32 variants take fp32 images
         dtype = torch.float16 if (v.amp and info.device.type == "cuda") else torch.float32
-        r = Runner(build_trainer(width, v, info, args.compile_backend),
-                   synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device), batch, info)
+        trainers[name] = t = build_trainer(width, v, info, args.compile_backend)
+        r = Runner(step_of(t, v), synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device),
+                   batch, info)
+        skips = cudagraph_skips()
         r.warm_up(args.warmup, args.window_s)
         runners[name] = r
+        if v.compile_mode == "reduce-overhead":   # inductor falls back to no graph, with a warning, when it must
+            skipped[name] = cudagraph_skips() - skips
     windows = interleave({name: r.window for name, r in runners.items()}, args.windows)
     rows = []
     for name, r in runners.items():
-        row = r.result(windows[name], fwd_flops, peak)
+        row = r.result(windows[name], cost(VARIANTS[name]))
         if VARIANTS[name].compile:   # the first step's excess over a steady step
             row["compile_s"] = round(row["first_step_s"] - row["step_ms"] / 1e3, 2)
+        if name in skipped:
+            row["cudagraph_skips"] = skipped[name]
         rows.append({"mode": "ddp" if args.ddp else "model-only", "width": width, "batch": batch,
                      "world_size": info.world_size, "variant": name, "data": "synthetic", **row})
         if info.distributed:
-            rows[-1]["allreduce_ms"] = round(1e3 * allreduce_seconds(r.t.module, info), 3)
+            rows[-1]["allreduce_ms"] = round(1e3 * allreduce_seconds(trainers[name].module, info), 3)
     return rows
 
 
@@ -224,27 +291,42 @@ def allreduce_seconds(module: nn.Module, info: DistInfo, reps: int = 20) -> floa
     return median(times)
 
 
-def end_to_end(args, info: DistInfo, width: float, batch: int, fwd_flops: int, peak: Optional[float],
-               flush: Callable[[dict], None]) -> None:
-    """The e2e variant's synthetic ceiling, then each loader in turn feeding that same trainer. Loaders are
-    built per width and closed after it: the ceiling runs while no loader's workers or threads compete for
-    the CPU, and each width's rows are flushed before the next width starts."""
+def loader_settings(args, device: torch.device) -> list[tuple[str, str, list[str]]]:
+    """(loader, row label, config overrides) of every end-to-end row, in --loaders order."""
+    settings = []
+    for name in args.loaders:
+        if name == "dali" and device.type == "cuda" and args.dali_settings:
+            settings += [("dali", f"dali hw {hw:g}, {threads} thr",
+                          [f"data.hw_decoder_load={hw}", f"data.num_threads={threads}"])
+                         for hw, threads in args.dali_settings]
+        else:
+            settings.append((name, name, [f"data.num_threads={args.loader_threads}"]))
+    return settings
+
+
+def end_to_end(args, info: DistInfo, width: float, batch: int, cost: Cost, flush: Callable[[dict], None]) -> None:
+    """The e2e variant's synthetic ceiling, then each loader setting in turn feeding that same trainer.
+    Loaders are built per width and closed after it: the ceiling runs while no loader's workers or threads
+    compete for the CPU, and each row is flushed before the next loader starts."""
     import pipelines
     from pipelines.base import image_dtype
 
-    def data_config(loader_name: str):
-        return load_experiment(overrides=[
-            f"data.root={args.data_root}", f"data.loader={loader_name}", f"data.crop_size={args.image_size}",
-            f"data.num_threads={args.loader_threads}", *args.set]).data
+    def data_config(loader_name: str, overrides: list[str]):
+        data = load_experiment(overrides=[f"data.root={args.data_root}", f"data.loader={loader_name}",
+                                          f"data.crop_size={args.image_size}", *overrides, *args.set]).data
+        return pipelines.resolve_loader_defaults(data, info.device)[0]
 
     v = VARIANTS[args.e2e_variant]
-    dtype = image_dtype(data_config(args.loaders[0]), info.device)   # what the loaders hand over
-    ceiling = Runner(build_trainer(width, v, info, args.compile_backend),
-                     synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device), batch, info)
+    settings = loader_settings(args, info.device)
+    dtype = image_dtype(data_config(*settings[0][::2]), info.device)   # what the loaders hand over
+    trainer = build_trainer(width, v, info, args.compile_backend)
+    step = step_of(trainer, v)
+    ceiling = Runner(step, synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device),
+                     batch, info)
     ceiling.warm_up(args.warmup, args.window_s)
-    c = ceiling.result([ceiling.window() for _ in range(args.windows)], fwd_flops, peak)
-    for loader_name in args.loaders:
-        data = data_config(loader_name)
+    c = ceiling.result([ceiling.window() for _ in range(args.windows)], cost)
+    for loader_name, label, overrides in settings:
+        data = data_config(loader_name, overrides)
         started = time.perf_counter()
         loader = pipelines.build_loader(data, "train", batch, rank=info.rank, world_size=info.world_size,
                                         local_rank=info.local_rank, device=info.device)
@@ -254,11 +336,13 @@ def end_to_end(args, info: DistInfo, width: float, batch: int, fwd_flops: int, p
         # batches queued while the warm-up starts (DataLoader: workers x prefetch factor; DALI: queue depth)
         # are drained by it, so that no timed window starts on a full queue
         queued = data.prefetch_queue_depth * (data.num_threads if loader_name == "torchvision" else 1)
-        e2e = Runner(ceiling.t, batches, batch, info)
+        e2e = Runner(step, batches, batch, info)
         e2e.warm_up(args.warmup + queued, args.window_s)
-        row = e2e.result([e2e.window() for _ in range(args.windows)], fwd_flops, peak)
+        row = e2e.result([e2e.window() for _ in range(args.windows)], cost)
         row.update({"mode": "end-to-end", "width": width, "batch": batch, "world_size": info.world_size,
-                    "variant": args.e2e_variant, "data": loader_name, "loader_threads": data.num_threads,
+                    "variant": args.e2e_variant, "data": label, "loader": loader_name,
+                    "loader_threads": data.num_threads, "prefetch": data.prefetch_queue_depth,
+                    "hw_decoder_load": data.hw_decoder_load if loader_name == "dali" else "-",
                     "loader_start_s": round(start_s, 2), "ceiling_img_s": c["img_s"],
                     "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3)})
         flush(row)
@@ -270,18 +354,24 @@ def end_to_end(args, info: DistInfo, width: float, batch: int, fwd_flops: int, p
 # ------------------------------------------------------------------------------------------------ output
 COLUMNS = (("mode", "mode"), ("width", "width"), ("batch", "batch/rank"), ("world_size", "ranks"),
            ("variant", "variant"), ("data", "data"), ("img_s", "img/s"), ("step_ms", "step ms"),
-           ("spread_pct", "spread %"), ("peak_mem_mib", "peak MiB"), ("mfu_pct", "MFU %"),
-           ("first_step_s", "1st step s"), ("compile_s", "compile s"), ("ceiling_img_s", "ceiling img/s"),
-           ("e2e_vs_ceiling", "e2e/ceiling"), ("allreduce_ms", "all-reduce ms"))
+           ("spread_pct", "spread %"), ("data_wait_pct", "data wait %"), ("peak_mem_mib", "peak MiB"),
+           ("device_used_mib", "device used MiB"), ("mfu_pct", "MFU %"), ("act_tb_s", "act. TB/s"),
+           ("bw_pct", "% of bandwidth"), ("first_step_s", "1st step s"), ("compile_s", "compile s"),
+           ("cudagraph_skips", "graph skips"), ("ceiling_img_s", "ceiling img/s"), ("e2e_vs_ceiling", "e2e/ceiling"),
+           ("allreduce_ms", "all-reduce ms"))
 
 
 def report_markdown(result: dict) -> str:
     m = result["meta"]
     lines = [describe(m), "",
              f"MFU peak: {result['peak']}; measured bf16 matmul: {result.get('matmul_bf16_tflops', 'n/a')} "
-             f"TFLOP/s. Forward MACs/image: "
+             f"TFLOP/s. Bandwidth: {result['bandwidth']}; measured device-to-device copy: "
+             f"{result.get('copy_tb_s', 'n/a')} TB/s. Forward MACs/image: "
              + ", ".join(f"{w}x {macs:,}" for w, macs in result["macs_per_image"].items())
-             + f". Windows: {result['settings']['windows']} x ~{result['settings']['window_s']} s, median. "
+             + f". Activation traffic model (fdmobilenet.flops): {ACTIVATION_ACCESSES} accesses x "
+             + ", ".join(f"{w}x {n:,}" for w, n in result["activation_elements"].items())
+             + f" elements/image x 2 bytes (bf16 variants) or 4 (fp32). Windows: {result['settings']['windows']} x "
+               f"~{result['settings']['window_s']} s, median. "
                f"fp32 variants run with TF32 allowed on CUDA (the trainer's setup_backends). "
                f"Peak RSS {result.get('peak_rss_mib', '?')} MiB.", "",
              markdown_table(result["rows"], COLUMNS)]
@@ -296,13 +386,19 @@ def csv_list(kind):
     return parse
 
 
+def hw_threads(text: str) -> tuple[float, int]:
+    hw, threads = text.split(":")
+    return float(hw), int(threads)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--widths", type=csv_list(float), default=[1.0, 0.5, 0.25])
     ap.add_argument("--batch-sizes", type=csv_list(int), default=[256], help="per rank, comma-separated")
-    ap.add_argument("--variants", type=csv_list(str), default=list(VARIANTS),
-                    help=f"model-only variants, comma-separated, or none ({', '.join(VARIANTS)})")
+    ap.add_argument("--variants", type=csv_list(str), default=None,
+                    help=f"model-only variants, comma-separated, or none ({', '.join(VARIANTS)}; default: all, "
+                         f"on CPU all but {', '.join(GPU_ONLY)})")
     ap.add_argument("--loaders", type=csv_list(str), default=[],
                     help="end-to-end loaders, run in this order: torchvision, dali (comma-separated; default "
                          "none). torchvision first: its workers fork before DALI starts threads")
@@ -315,6 +411,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="extra config overrides for the loaders (repeatable)")
     ap.add_argument("--loader-threads", type=int, default=0,
                     help="data.num_threads (DALI threads / DataLoader workers); default: all usable cores")
+    ap.add_argument("--dali-settings", type=csv_list(hw_threads), default=[], metavar="HW:THREADS,...",
+                    help="CUDA: DALI end to end once per hw_decoder_load:num_threads pair, e.g. 0.65:4,0.99:8 "
+                         "(default: one DALI row with --loader-threads)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per variant (default 3)")
@@ -328,9 +427,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if args.variants is None:
+        args.variants = [name for name in VARIANTS if cuda or name not in GPU_ONLY]
     for name in args.variants + ([args.e2e_variant] if args.e2e_variant != "auto" else []):
         if name not in VARIANTS:
             ap.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        if name in GPU_ONLY and not cuda:
+            ap.error(f"variant {name} uses CUDA graphs and needs a GPU")
     for name in args.loaders:
         if name not in ("dali", "torchvision"):
             ap.error(f"unknown loader {name!r}; choose dali or torchvision")
@@ -352,20 +456,27 @@ def main(argv=None) -> int:
         args.e2e_variant = "compiled" if info.device.type == "cuda" else "channels_last"
     setup_backends(info.device, deterministic=False)
     peak, peak_text = peak_bf16(info.device)
+    bandwidth, bandwidth_text = datasheet(PEAK_BANDWIDTH, info.device, 1e12, "TB/s")
     widths = sorted(set(args.widths + (args.e2e_widths or [])), reverse=True)
     command_argv = sys.argv if argv is None else [sys.argv[0], *argv]
-    result = {"meta": environment(command_argv), "peak": peak_text,
+    result = {"meta": environment(command_argv), "peak": peak_text, "bandwidth": bandwidth_text,
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "md", "record")},
               "macs_per_image": {w: count_macs(FDMobileNet(w), args.image_size) for w in widths},
+              "activation_elements": {w: activation_elements(FDMobileNet(w), args.image_size) for w in widths},
               "rows": [], "errors": []}
     if "LOCAL_WORLD_SIZE" in os.environ:   # started by torchrun: record the command that starts all ranks
         local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
         result["meta"]["command"] = shlex.join([sys.executable, "-m", "torch.distributed.run",
                                                 f"--nproc_per_node={local}", f"--nnodes={world // local}",
                                                 *command_argv])
-    flops = {w: 2 * macs for w, macs in result["macs_per_image"].items()}
     if info.device.type == "cuda":
         result["matmul_bf16_tflops"] = round(matmul_bf16_rate(info.device) / 1e12, 1)
+        result["copy_tb_s"] = round(copy_bandwidth(info.device) / 1e12, 2)
+
+    def cost(width: float, variant: Variant) -> Cost:
+        element_bytes = 2 if variant.amp else 4
+        return Cost(2 * result["macs_per_image"][width],
+                    ACTIVATION_ACCESSES * result["activation_elements"][width] * element_bytes, peak, bandwidth)
 
     def flush(row: Optional[dict] = None) -> None:
         if row is not None:
@@ -393,10 +504,12 @@ def main(argv=None) -> int:
         for batch in args.batch_sizes:
             for width in args.widths if args.variants else []:
                 attempt(f"model-only {width}x batch {batch}",
-                        lambda: [flush(row) for row in model_only(args, info, width, batch, flops[width], peak)])
+                        lambda: [flush(row) for row in model_only(args, info, width, batch,
+                                                                  lambda v: cost(width, v))])
             for width in args.e2e_widths or args.widths if args.loaders else []:
                 attempt(f"end-to-end {width}x batch {batch}",
-                        lambda: end_to_end(args, info, width, batch, flops[width], peak, flush))
+                        lambda: end_to_end(args, info, width, batch, cost(width, VARIANTS[args.e2e_variant]),
+                                           flush))
     finally:
         flush()
         shutdown()

@@ -18,13 +18,14 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from fdmobilenet.config import ModelConfig, from_dict, load_model_ref
 from fdmobilenet.model import BLOCKS
 
 # Wrappers that prefix parameter names: DistributedDataParallel (``module.``) and torch.compile
-# (``_orig_mod.``), possibly nested either way.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# (``_orig_mod.``), possibly nested either way: stripped in this order, that takes off both nestings.
+STRIP_ORDER = ("module.", "_orig_mod.", "module.")
 
 
 # Read once at import (setting the umask is the only way to read it, and must not race with other threads).
@@ -165,20 +166,18 @@ def _weights_only_reason(e: BaseException) -> str:
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
-    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, nested in any order.
+    """A copy without the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, either nested in the
+    other (torch's consume_prefix_in_state_dict_if_present, once per wrapper and order).
 
     BatchNorm's version metadata is carried over under the stripped names, so loading behaves as for the
     unwrapped model (it decides whether a missing ``num_batches_tracked`` is legacy or an error).
     """
-    def strip(key: str) -> str:
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        return key
-
-    out = OrderedDict((strip(k), v) for k, v in state_dict.items())
+    out = OrderedDict(state_dict)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
-        out._metadata = OrderedDict((strip(k + ".")[:-1] if k else k, v) for k, v in metadata.items())
+        out._metadata = OrderedDict(metadata)   # stripped in place below: the caller's stays as it is
+    for prefix in STRIP_ORDER:
+        consume_prefix_in_state_dict_if_present(out, prefix)
     return out
 
 

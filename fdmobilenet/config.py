@@ -76,10 +76,10 @@ class DataConfig:
     val_crop: int = 224                    # center crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    # loader speed knobs
-    num_threads: int = 4                   # DALI CPU threads, or DataLoader workers
-    prefetch_queue_depth: int = 2
-    hw_decoder_load: float = 0.65          # share of JPEGs sent to the hardware decoder (A100/H100)
+    # loader speed knobs; auto: chosen for this rank's GPU and CPUs (pipelines/defaults.py)
+    num_threads: int | Literal["auto"] = "auto"          # DALI CPU threads, or DataLoader workers
+    prefetch_queue_depth: int | Literal["auto"] = "auto"
+    hw_decoder_load: float | Literal["auto"] = "auto"    # share of JPEGs for the hardware decoder (A100, H100)
     preallocate_width_hint: int = 0        # 0 = DALI's default
     preallocate_height_hint: int = 0
     dont_use_mmap: bool = False
@@ -140,6 +140,8 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # torch.compile backend (aot_eager: no C++/Triton builds, for smoke runs)
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    # the training step as one CUDA graph (fdmobilenet/cuda_graph.py); auto: off until measured faster
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     save_every_steps: int = 0              # 0 = once per epoch
     auto_resume: bool = True               # continue from checkpoints/{label}.pth.tar when it exists
     deterministic: bool = False

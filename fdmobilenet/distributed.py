@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -34,6 +35,8 @@ DEFAULT_PORT = 29500
 # rely on this timeout: the launcher ends the job (torchrun stops the other workers when one exits non-zero;
 # srun --kill-on-bad-exit=1), and gloo peers see the closed connection at once.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long a rank other than 0 waits before it exits on a start-up mistake that rank 0 reports (run_rank).
+REPORT_GRACE_S = 10
 
 
 @dataclass
@@ -71,6 +74,13 @@ def _slurm_master_addr() -> str:
     return out[0]
 
 
+def slurm_job_port() -> int:
+    """The port of this SLURM job's rendezvous / process-group store: 29500 + (job id mod 10000), so two jobs
+    sharing a node do not collide. The one copy of the rule: the sbatch scripts ask for it too
+    (launch/common.sh slurm_job_port)."""
+    return DEFAULT_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
+
+
 def _env_from_slurm() -> None:
     """Translate srun's task variables into the ones torch.distributed's env:// reads."""
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
@@ -78,8 +88,7 @@ def _env_from_slurm() -> None:
     os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _slurm_master_addr()
-    job = int(os.environ.get("SLURM_JOB_ID", "0"))
-    os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT + job % 10000))
+    os.environ.setdefault("MASTER_PORT", str(slurm_job_port()))
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:
@@ -138,6 +147,10 @@ def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> 
     except cli.USER_ERRORS as e:
         if info.is_main or info.report_own_errors:
             cli.report(prog if info.is_main else f"[rank {info.rank}] {prog}", e)
+        else:
+            # Every rank finds a start-up mistake and rank 0 reports it: a rank that exited first would have
+            # torchrun stop rank 0 before its line is out. Rank 0's own exit ends the wait.
+            time.sleep(REPORT_GRACE_S)
         sys.stdout.flush()
         os._exit(cli.EXIT_USAGE)
     except BaseException:

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +98,12 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """torch.autocast without its weight cache: a CUDA graph capture requires it off (PyTorch's CUDA graph
+    notes, "Usage with torch.cuda.amp"), and it saves nothing here - every weight is cast once per forward
+    either way."""
     if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=False)
 
 
 def model_input(images: torch.Tensor, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -178,7 +181,14 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (
 # ------------------------------------------------------------------------------------------------- training
 @dataclass
 class Trainer:
-    """Everything one optimizer step touches."""
+    """Everything one optimizer step touches.
+
+    A step is three parts: :meth:`begin_step` (host: the device copy of the step counter follows
+    ``global_step``), :meth:`update` (device: forward, loss, backward, optimizer step, the non-finite marker -
+    no host sync and no host value that changes from step to step, so that fdmobilenet.cuda_graph can
+    capture it as a CUDA graph) and :meth:`end_step` (host: lr schedule, EMA, the step counter). :meth:`step`
+    runs the three; it is what the training loop calls unless the step is graphed.
+    """
     model: nn.Module            # what forward runs: DDP and/or compiled wrapper around `module`
     module: nn.Module           # the plain FDMobileNet (state_dict, EMA source)
     optimizer: torch.optim.Optimizer
@@ -189,11 +199,14 @@ class Trainer:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[nn.Module] = None
     global_step: int = 0
-    # device-side marker: the first global step whose loss was not finite (-1 = none so far)
+    # device-side marker, updated in place: the first global step whose loss was not finite (-1 = none so far)
     first_bad_step: torch.Tensor = field(default=None)
 
     def __post_init__(self):
         self.first_bad_step = torch.tensor(-1, device=self.info.device)
+        # global_step on the device (what the marker records), and the value the host last put there
+        self._device_step = torch.tensor(0, device=self.info.device)
+        self._device_step_holds = 0
 
     def check_finite(self, epoch: int) -> None:
         """Raise NonFiniteLossError if any rank saw a non-finite loss (a sync; call at log/save points).
@@ -209,6 +222,18 @@ class Trainer:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, number correct) as device tensors."""
+        self.begin_step()
+        loss, correct = self.update(images, labels)
+        self.end_step()
+        return loss, correct
+
+    def begin_step(self) -> None:
+        if self._device_step_holds != self.global_step:   # global_step was set from outside (a resume)
+            self._device_step.fill_(self.global_step)
+            self._device_step_holds = self.global_step
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of one step; returns (loss, number correct)."""
         with autocast(self.info.device, self.amp_dtype):
             output = self.model(model_input(images, self.amp_dtype))
             loss = self.criterion(output, labels)
@@ -220,14 +245,18 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
+        loss = loss.detach()
+        newly_bad = (~torch.isfinite(loss)) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(newly_bad, self._device_step, self.first_bad_step))
+        self._device_step += 1
+        return loss, (output.detach().argmax(dim=1) == labels).sum()
+
+    def end_step(self) -> None:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.module)
-        loss = loss.detach()
-        newly_bad = (~torch.isfinite(loss)) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(newly_bad, self.global_step, self.first_bad_step)
         self.global_step += 1
-        return loss, (output.detach().argmax(dim=1) == labels).sum()
+        self._device_step_holds += 1
 
 
 def sync(device: torch.device) -> None:
@@ -302,9 +331,11 @@ class StepWindow:
 
 
 def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: CheckpointSaver,
-                    preempt: PreemptionFlag) -> dict:
+                    preempt: PreemptionFlag, step: Optional[Callable] = None) -> dict:
     """Train steps ``state.step`` .. ``state.steps - 1`` of epoch ``state.epoch``; return the epoch's summary,
     all-reduced over the ranks (the whole epoch, also after a resume midway: its sums are checkpointed).
+    ``step(images, labels) -> (loss, correct)`` runs each step: Trainer.step unless given
+    (fdmobilenet.cuda_graph.GraphedStep.step replays it as a CUDA graph).
 
     At each step boundary, in this order: every ``cfg.print_freq`` steps and at the epoch's last step a log
     line (and the non-finite loss check); every ``cfg.save_every_steps`` global steps a checkpoint (not at
@@ -323,7 +354,7 @@ def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: Ch
         images, labels = next(batches)
         window.wait += time.perf_counter() - fetch_start
         state.sums.lr = t.optimizer.param_groups[0]["lr"]   # what this step uses; the scheduler moves it after
-        loss, correct = t.step(images, labels)
+        loss, correct = (step or t.step)(images, labels)
         window.add(loss, correct, labels.shape[0])
         state.step += 1
         last = state.step == state.steps

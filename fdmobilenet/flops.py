@@ -53,6 +53,36 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int]) -> int:
     return counter.get_total_flops() // 2
 
 
+# Bytes a training step moves, as a model: each activation (every layer's output) is written by the forward
+# pass and read by the next layer (2 accesses), read again by the backward pass (saved for the gradient) and
+# its gradient written and read (3 more). Depthwise convolutions, BatchNorm and ReLU do few operations per
+# byte, so for this network these 5 accesses, not the multiply-adds, bound a step on a GPU. It leaves out
+# BatchNorm's second pass over its input (more bytes) and the fusion torch.compile does (fewer), and the
+# weights and optimizer state (a few MB per step, not per image).
+ACTIVATION_ACCESSES = 5
+
+
+def activation_elements(model: nn.Module, input_size: int) -> int:
+    """Elements of every leaf module's output for one image (one forward pass, batch 1)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += output.numel()
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -54,7 +54,8 @@ def run_metadata(argv: list[str]) -> dict:
                      if (d.metadata["Name"] or "").lower().startswith(dist_prefix)]
             versions.update({module: found[0]} if found else {})
     commit = git("rev-parse", "HEAD")
-    return {"git_commit": commit or "unknown",
+    # a copied tree has no .git: the commit it was copied from comes in FDM_GIT_COMMIT (run_gpu.sh --commit)
+    return {"git_commit": commit or os.environ.get("FDM_GIT_COMMIT") or "unknown",
             "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
             "command": shlex.join([sys.executable, *argv]), "host": platform.node(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions,

@@ -82,7 +82,10 @@ def lr_multiplier(optim_cfg: OptimConfig, sched_cfg: SchedConfig, steps_per_epoc
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, sched_cfg: SchedConfig,
                     steps_per_epoch: int) -> LambdaLR:
     """Stepped once per optimizer step (so warmup and cosine are smooth; the step schedule's value only
-    changes at epoch boundaries). Its state_dict holds the step count; the rule itself comes from config."""
+    changes at epoch boundaries). Its state_dict holds the step count; the rule itself comes from config.
+    One LambdaLR rather than SequentialLR(LinearLR, StepLR / CosineAnnealingLR): SequentialLR restarts the
+    second scheduler's count after the warmup, which moves StepLR's decays off the epoch boundaries
+    (tests/test_trainer.py compares the two)."""
     return LambdaLR(optimizer, lr_multiplier(optim_cfg, sched_cfg, steps_per_epoch))
 
 

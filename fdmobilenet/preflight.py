@@ -6,23 +6,29 @@ The launchers (launch/*.sh, launch/*.sbatch) run it before torchrun / srun and s
 user's mistake exits 2 with one line (fdmobilenet.cli), so a job that cannot work is never started,
 restarted by torchrun (--max-restarts restarts a worker whatever its exit code) or requeued by SLURM. It is
 cheap - no device, no loader, no image decoded: the config resolved, the global batch against the planned
-world size(s), the data's splits listed and their manifests checked (pipelines.preflight), the checkpoint
-the run would resume from loaded and fitted to the model.
+world size(s), ``train.cuda_graphs=on`` against them and the AMP / SGD settings, the data's splits listed
+and their manifests checked (pipelines.preflight), the checkpoint the run would resume from loaded and
+fitted to the model.
 
 The checks are the functions in CHECKS, run in order; each takes the Plan and returns a line for the report
 or raises a user error (fdmobilenet.cli.USER_ERRORS). A new check is one more function on that list. The
-workers themselves call the parts that decide what they do (per_rank_batch, checkpoint_to_resume,
-check_split), so the answers are the same in both places.
+workers themselves call the parts that decide what they do (per_rank_batch, use_cuda_graphs,
+checkpoint_to_resume, check_split), so the answers are the same in both places.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights
 from fdmobilenet.cli import UsageError
 from fdmobilenet.config import ExperimentConfig, from_dict
+from fdmobilenet.cuda_graph import use_cuda_graphs
+from fdmobilenet.distributed import DistInfo
 from fdmobilenet.model import FDMobileNet
 from pipelines.preflight import check_split
 
@@ -34,8 +40,14 @@ class Plan:
     world_sizes: list[int]       # the world size it will run at (an elastic job: every size it may run at)
     checkpoint: Path             # {output_dir}/{label}.pth.tar
     resume: bool = False         # --resume: the checkpoint must exist
-    fresh: bool = False          # --fresh: start over even if it exists
+    fresh: bool = False          # --fresh: start over even if it exists (a first start only, see restarts)
     evaluate: bool = False       # --evaluate: only score the checkpoint (it must exist)
+
+
+def restarts() -> int:
+    """How often the launcher has started this job again: torchrun's restarts of its workers
+    (TORCHELASTIC_RESTART_COUNT) or SLURM's requeues (SLURM_RESTART_COUNT); 0 for a first start."""
+    return max(int(os.environ.get(name) or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def per_rank_batch(cfg: ExperimentConfig, world_size: int) -> int:
@@ -85,6 +97,19 @@ def check_batch(plan: Plan) -> str:
     return f"global batch {plan.config.optim.batch_size} = {' or '.join(shares)} ranks"
 
 
+def check_cuda_graphs(plan: Plan) -> str:
+    """The ranks' own decision (fdmobilenet.cuda_graph.use_cuda_graphs) for what is known here - the world
+    sizes, train.amp, optim.impl, train.compile_mode, an explicit train.device=cpu - so that an impossible
+    ``train.cuda_graphs=on`` never starts (under torchrun --max-restarts it would be restarted). Whether the
+    ranks see a GPU, and whether it has bf16 (amp auto), is theirs to find."""
+    train = plan.config.train
+    device = torch.device("cpu" if train.device == "cpu" else "cuda")
+    amp = {"off": None, "fp16": torch.float16}.get(train.amp, torch.bfloat16)
+    decisions = {use_cuda_graphs(plan.config, DistInfo(0, 0, n, device), amp)[1] for n in plan.world_sizes}
+    gpu_assumed = train.cuda_graphs != "off" and train.device != "cpu"
+    return f"cuda graphs: {' / '.join(sorted(decisions))}" + (", if the ranks have a GPU" if gpu_assumed else "")
+
+
 def check_data(plan: Plan) -> str:
     """The data pre-flight of every split the run reads (pipelines.preflight.check_split), without its scan:
     the listing (split and class folders against data.num_classes, or the shards and their indices) and each
@@ -110,7 +135,7 @@ def check_checkpoint(plan: Plan) -> str:
     return f"checkpoint: {done}" if done and not plan.evaluate else f"checkpoint: {plan.checkpoint} ({where})"
 
 
-CHECKS: list[Callable[[Plan], str]] = [check_batch, check_data, check_checkpoint]
+CHECKS: list[Callable[[Plan], str]] = [check_batch, check_cuda_graphs, check_data, check_checkpoint]
 
 
 def preflight(plan: Plan) -> list[str]:

@@ -7,9 +7,10 @@ import torch
 
 from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, CorruptImageError, DataError
+from pipelines.defaults import resolve_loader_defaults
 from pipelines.preflight import check_split
 
-__all__ = ["build_loader", "BatchLoader", "DataError", "CorruptImageError"]
+__all__ = ["build_loader", "resolve_loader_defaults", "BatchLoader", "DataError", "CorruptImageError"]
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -19,11 +20,12 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
 
     ``batch_size`` is per rank; ``rank`` is the global rank (the shard this process reads), ``world_size``
     the number of shards, ``local_rank`` the GPU on this node (DALI's device_id; ignored on CPU). 'dali'
-    runs mixed/GPU ops when ``device.type == 'cuda'`` and the same graph on the CPU otherwise. The file
-    loaders start from the data pre-flight (pipelines.preflight.check_split), which the ranks share over
-    ``group`` (the host-side gloo group: every rank builds the same loaders in the same order); without a
-    group each process checks every file itself. ``epochs_hint`` is part of the interface for loaders that
-    plan whole runs; none of these needs it.
+    runs mixed/GPU ops when ``device.type == 'cuda'`` and the same graph on the CPU otherwise. Loader knobs
+    set to ``auto`` get this rank's values first (pipelines.defaults). The file loaders start from the data
+    pre-flight (pipelines.preflight.check_split), which the ranks share over ``group`` (the host-side gloo
+    group: every rank builds the same loaders in the same order); without a group each process checks every
+    file itself. ``epochs_hint`` is part of the interface for loaders that plan whole runs; none of these
+    needs it.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -31,6 +33,7 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
         raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    data, _ = resolve_loader_defaults(data, device)   # the 'auto' loader knobs, for this rank's GPU and CPUs
     if data.loader == "synthetic":
         from pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)

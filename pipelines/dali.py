@@ -118,6 +118,27 @@ def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, nu
     return images, (label.gpu() if device == "gpu" else label)
 
 
+def hand_over_on_current_stream(pipe, device: torch.device) -> None:
+    """Let the GPU, not the host, wait for each batch.
+
+    DALIGenericIterator takes every batch with ``pipe.share_outputs()`` and no stream
+    (nvidia/dali/plugin/base_iterator.py, ``_get_outputs``), which DALI documents as "the outputs are
+    synchronized with the host" (nvidia/dali/pipeline.py, ``share_outputs``): the host blocks on every batch
+    until DALI's GPU work for it has finished, and cannot queue the next training step meanwhile. With DALI's
+    default (dynamic) executor ``share_outputs(cuda_stream=s)`` binds the outputs to stream ``s`` instead:
+    ``s`` waits for DALI's work on the GPU, and the buffers go back to DALI's pool in ``s``'s order when torch
+    frees them. ``s`` is torch's current stream when the batch is taken - the stream the training step and
+    the evaluation run on (DALI's own torchvision wrapper binds to it the same way,
+    nvidia/dali/experimental/torchvision/v2/compose.py). The iterator then wraps the buffers with
+    ``torch.from_dlpack`` on that same stream, and its ``release_outputs()`` leaves them valid under the
+    dynamic executor (they are reference counted), so nothing else in the iterator changes."""
+    share = pipe.share_outputs
+
+    def share_on_current_stream(cuda_stream=None):
+        return share(cuda_stream=cuda_stream if cuda_stream is not None else torch.cuda.current_stream(device))
+    pipe.share_outputs = share_on_current_stream
+
+
 # ---------------------------------------------------------------------------------------------- loader
 class DaliLoader(BatchLoader):
     """DALI pipeline + DALIGenericIterator behind the BatchLoader interface.
@@ -167,6 +188,8 @@ class DaliLoader(BatchLoader):
             enable_checkpointing=self.train, checkpoint=checkpoint)
         with self._naming_bad_files():
             pipe.build()
+            if self.device_id is not None and pipe.exec_dynamic:
+                hand_over_on_current_stream(pipe, self.device)
             return DALIGenericIterator([pipe], OUTPUTS, reader_name=READER, auto_reset=True,
                                        last_batch_policy=LastBatchPolicy.PARTIAL)
 

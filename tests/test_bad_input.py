@@ -227,10 +227,15 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(digits, good_check
     (["train.compile=false"], ["key 'train.compile': expected one of auto, on, off, got False"]),
     (["--evaluate"], ["--evaluate: no checkpoint", "never-trained.pth.tar", "evaluate.py --checkpoint FILE"]),
     (["--resume"], ["checkpoint", "never-trained.pth.tar not found", "start over with --fresh"]),
-], ids=["family-typo", "invalid-choice", "evaluate-untrained-label", "resume-missing"])
+    (["train.cuda_graphs=on"], ["train.cuda_graphs=on: this run is on the cpu, and CUDA graphs need a GPU. "
+                                "Use train.cuda_graphs=auto or off"]),
+    (["--check", "--world-size", "2", "train.cuda_graphs=on"],     # the launchers' pre-flight, before any rank
+     ["train.cuda_graphs=on: this run has 2 ranks, and graphs are one-GPU only"]),
+], ids=["family-typo", "invalid-choice", "evaluate-untrained-label", "resume-missing", "cuda-graphs-on-cpu",
+        "cuda-graphs-on-two-ranks-check"])
 def test_command_mistakes_say_what_to_do(digits, tmp_path, extra, needles):
     assert_user_error(train(digits, tmp_path, "never-trained", *extra), *needles)
-    assert not (tmp_path / "never-trained.pth.tar").exists()
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.iterdir())   # nothing written: no checkpoint, no logs
 
 
 def test_bare_width_a_runs_own_config_file_and_a_finished_run(digits, tmp_path):

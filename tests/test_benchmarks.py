@@ -1,13 +1,16 @@
 """The benchmark scripts run end to end: run_gpu.sh --cpu does every step of the GPU measurement at toy size
-(real photo JPEGs, real DALI CPU pipeline and DataLoader, torch.compile, torchrun with 1 and 2 gloo ranks)
+(pytest -m gpu, real photo JPEGs, real DALI CPU pipeline and DataLoader, torch.compile, torch.profiler,
+train_ddp.py under torchrun stopped by its preemption signal, torchrun with 1 and 2 gloo ranks, the chart)
 and leaves every section in results.json / results.md. No throughput number is asserted: only that each
-step ran and produced finite, positive, complete results.
+step ran and produced finite, positive, complete results. The GPU plan's time budgets are checked to add up
+to its 8 minutes.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +32,33 @@ def run_script(out: Path, work: Path, timeout: int, **env) -> subprocess.Complet
                           env={**os.environ, "PYTHON": sys.executable, "BENCH_WORK": str(work), **env})
 
 
+STEPS = ["gpu_tests", "dataset", "flops", "ceilings", "pipeline", "end_to_end", "profile", "ddp"]
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-    proc = run_script(out, work, timeout=420)
+    proc = run_script(out, work, timeout=900)
     return proc, out
+
+
+def plan(*flags: str) -> tuple[dict[str, int], int]:
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu.sh"), "--plan", *flags], capture_output=True,
+                         text=True, timeout=30, check=True).stdout.split()
+    budgets = dict((name, int(b)) for name, b in (line.split(":") for line in out))
+    return budgets, budgets.pop("total")
+
+
+def test_gpu_plan_budgets_add_up_to_eight_minutes():
+    """Every step of the GPU run has a budget, the budgets sum to the time box, and the box is the 8 minutes
+    the GPU host's device time leaves after DALI's uploads; the last write-up has its own reserve."""
+    budgets, total = plan()
+    assert list(budgets) == STEPS + ["gpu_demo", "write_up"]   # the compiled digits demo test last
+    assert sum(budgets.values()) == total == 480
+    assert all(b > 0 for b in budgets.values())
+    cpu_budgets, cpu_total = plan("--cpu")
+    assert list(cpu_budgets) == STEPS + ["ddp_gloo_1", "ddp_gloo_2", "write_up"]
+    assert sum(cpu_budgets.values()) == cpu_total
 
 
 def test_cpu_run_every_step_passes(cpu_run):
@@ -41,10 +66,11 @@ def test_cpu_run_every_step_passes(cpu_run):
     res = json.loads((out / "results.json").read_text())
     failed = [s for s in res["steps"] if s["status"] != "ok"]
     assert not failed and proc.returncode == 0, (failed, proc.stdout[-3000:], (out / "log.txt").read_text()[-6000:])
-    assert [s["name"] for s in res["steps"]] == ["dataset", "flops", "ceilings", "end_to_end", "pipeline", "ddp",
-                                                 "ddp_gloo_1", "ddp_gloo_2"]
-    # at most 6 files come back from the GPU machine; the script writes 3
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.md"]
+    assert [s["name"] for s in res["steps"]] == STEPS + ["ddp_gloo_1", "ddp_gloo_2"]
+    # at most 8 files come back from the GPU machine; the script writes 6
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.md", "throughput.png",
+                                                      "trace_ceiling.json.gz", "trace_e2e_dali.json.gz"]
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["chart"] == "throughput.png"
 
 
 def test_cpu_run_sections_complete(cpu_run):
@@ -68,20 +94,37 @@ def test_cpu_run_sections_complete(cpu_run):
     assert not e2e["errors"]
     assert [r["data"] for r in e2e["rows"]] == ["torchvision", "dali"]
     for r in e2e["rows"]:
-        assert r["img_s"] > 0 and r["ceiling_img_s"] > 0
+        assert r["img_s"] > 0 and r["ceiling_img_s"] > 0 and 0 <= r["data_wait_pct"] <= 100
         assert r["e2e_vs_ceiling"] == pytest.approx(r["img_s"] / r["ceiling_img_s"], rel=0.01)
+        assert r["act_tb_s"] >= 0 and r["act_mb_img"] > 0      # the traffic model's bytes x img/s
+        assert isinstance(r["loader_threads"], int) and isinstance(r["prefetch"], int)   # 'auto' resolved
 
     loaders = {r["loader"] for r in res["pipeline"]["result"]["results"]}
     assert loaders == {"torchvision", "dali"}
-    assert [e["epoch"] for e in res["ddp"]["epochs"]] == [1, 2]   # train_ddp.py counts epochs from 1
+    runs = {r["name"]: r for r in res["profile"]["runs"]}
+    assert set(runs) == {"ceiling", "e2e_dali"} and runs["e2e_dali"]["data"].startswith("DALI")
+    for r in runs.values():
+        assert len(r["rows"]) == 15 and all(row["us_per_step"] > 0 for row in r["rows"])
+        assert r["table_of"] == "CPU operators" and r["trace"].startswith(f"trace_{r['name']}.json.gz")
+    ddp = res["ddp"]["result"]
+    assert ddp["exit_code"] == 0 and ddp["stop_requested_at_step"] == 2
+    assert ddp["preempted"].startswith("preempted (SIGUSR1) at epoch ")   # stopped, not evaluated
+    assert ddp["median_img_s"] > 0 and len(ddp["windows"]) >= 3
+    # train_ddp.py counts epochs from 1: the step lines' epoch/step give global steps 1, 2, 3, ...
+    assert [w["global_step"] for w in ddp["windows"]] == list(range(1, len(ddp["windows"]) + 1)), ddp["windows"]
     ovh = res["ddp_overhead"]
     assert [r["world_size"] for r in ovh["rows"]] == [1, 2] and ovh["overhead_pct"] is not None
     assert ovh["rows"][1]["allreduce_ms"] > 0   # one gloo all-reduce of all gradients, timed
 
     md = (out / "results.md").read_text()
-    for heading in ("## Steps", "## Dataset", "## FLOPs check", "## Model-only ceilings", "## End to end",
-                    "## Data pipeline alone", "## torchrun + train_ddp.py", "## DDP overhead"):
+    for heading in ("## Steps", "## GPU tests", "## Dataset", "## FLOPs check", "## Model-only ceilings",
+                    "## End to end", "## Data pipeline alone", "## Profile", "## torchrun + train_ddp.py",
+                    "## DDP overhead"):
         assert heading in md
+    gpu_tests = res["gpu_tests"]
+    assert gpu_tests["tests"] and all(t["outcome"] == "SKIPPED" for t in gpu_tests["tests"])   # no CUDA here
+    assert len(gpu_tests["summary"]) == 1 and "skipped" in gpu_tests["summary"][0]
+    assert any("digits_demo" in t["test"] for t in gpu_tests["tests"])   # on a GPU: the gpu_demo step's
 
 
 def test_record_run_keeps_other_sections(cpu_run, tmp_path):
@@ -99,21 +142,31 @@ def test_time_box_records_timeouts_and_skips(tmp_path):
     """Steps cut by the total budget are recorded as timed out (killed at the budget's end) or skipped (too
     little left to start), and the results are still written with every section: what the GPU run relies on
     when it runs out of time. Which step is cut first, and how, depends on the machine's speed and load, so
-    any is accepted (at 16 s some step always is: the toy run is several times longer)."""
+    any cut point is accepted (at 25 s some step always is: the toy run is several times longer), as long as
+    the steps before it ran and every step after it was cut."""
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = run_script(out, work, timeout=120, BENCH_TOTAL_S="16")
+    proc = run_script(out, work, timeout=180, BENCH_TOTAL_S="25")
     assert proc.returncode == 1
     res = json.loads((out / "results.json").read_text())
     status = {s["name"]: s["status"] for s in res["steps"]}
-    assert list(status) == ["dataset", "flops", "ceilings", "end_to_end", "pipeline", "ddp", "ddp_gloo_1",
-                            "ddp_gloo_2"]
+    assert list(status) == STEPS + ["ddp_gloo_1", "ddp_gloo_2"]
     cut = [name for name, st in status.items() if st != "ok"]
     assert cut and all(status[name] in ("timeout", "skipped") for name in cut), status
     assert list(status)[-len(cut):] == cut, status   # once cut, every later step is cut too
-    assert max(s["started_at_s"] + s["seconds"] for s in res["steps"]) <= 16 + 12   # + timeout's kill grace
+    assert max(s["started_at_s"] + s["seconds"] for s in res["steps"]) <= 25 + 12   # + timeout's kill grace
     assert set(collect_results.SECTIONS) <= set(res)
     md = (out / "results.md").read_text()
     assert all(f"| {name} | {st} |" in md for name, st in status.items()), md   # the steps table says which
+
+
+def test_commit_comes_from_the_command_line_where_there_is_no_git(tmp_path):
+    """The GPU host gets a copy of the tree without .git: run_gpu.sh --commit SHA passes the commit on
+    (FDM_GIT_COMMIT), and every result records it."""
+    shutil.copytree(REPO / "fdmobilenet", tmp_path / "fdmobilenet")
+    code = "from fdmobilenet.logs import run_metadata; m = run_metadata([]); print(m['git_commit'], m['git_dirty'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path), "FDM_GIT_COMMIT": "0123abc"}).stdout
+    assert out.split() == ["0123abc", "None"]
 
 
 def test_record_edits_only_its_section(tmp_path):

@@ -83,6 +83,8 @@ def test_every_shipped_file_loads(path):
 IMAGENET = dict(root="data/imagenet", layout="folder", num_classes=1000, loader="dali", crop_size=224,
                 ratio=(0.75, 4 / 3), hflip=True, val_resize=256, val_crop=224, mean=(0.485, 0.456, 0.406),
                 std=(0.229, 0.224, 0.225))
+AUTO_LOADER = dict(num_threads="auto", prefetch_queue_depth="auto", hw_decoder_load="auto")  # pipelines.defaults
+IMAGENET.update(AUTO_LOADER)
 JITTER = dict(color_jitter=(0.1, 0.1, 0.1, 0.1))
 AGGRESSIVE = dict(IMAGENET, train_crop="random_resized", scale=(0.36, 1.0), color_jitter=None)
 LESS = dict(AGGRESSIVE, scale=(0.64, 1.0))
@@ -102,7 +104,7 @@ PINNED = {
     "data/digits-demo": dict(root="data/digits", layout="folder", num_classes=10, loader="dali",
                              train_crop="random_resized", crop_size=64, scale=(0.6, 1.0), ratio=(0.8, 1.25),
                              hflip=False, color_jitter=None, val_resize=72, val_crop=64, mean=(0.3094,) * 3,
-                             std=(0.3489,) * 3),
+                             std=(0.3489,) * 3, **dict(AUTO_LOADER, num_threads=2)),
     "model/1x-FDMobileNet-224": dict(width_mult=1.0, dropout=0.0),
     "model/0.5x-FDMobileNet-224": dict(width_mult=0.5, dropout=0.0),
     "model/0.25x-FDMobileNet-224": dict(width_mult=0.25, dropout=0.0),

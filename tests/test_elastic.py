@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from fdmobilenet.checkpoint import load_checkpoint
-from launch_support import LAUNCH, build_digits, children, global_steps, kill_group, run_words, start, tail, \
-    wait_for
+from launch_support import (LAUNCH, REPO, build_digits, children, env, global_steps, kill_group, run_words, start,
+                            tail, wait_for)
 
 STEPS = 40          # one epoch of 40 steps of 16 images (8 per rank)
 SAVE_EVERY = 4      # train.save_every_steps: at most this many steps may be lost
@@ -55,3 +57,23 @@ def test_kill_9_of_one_worker_restarts_the_group_and_resumes_from_the_last_step_
 
     ck = load_checkpoint(tmp_path / "elastic.pth.tar")
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 0, STEPS)   # the whole epoch, once
+
+
+@pytest.mark.parametrize("restart_variable", ["TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"])
+def test_fresh_starts_over_on_a_first_start_only(digits, tmp_path, restart_variable):
+    """`--fresh` in a job that torchrun restarts (MAX_RESTARTS) or SLURM requeues comes again with every
+    restart: the restarted command continues from the job's checkpoint instead of starting over once more.
+    A first start with --fresh (no restart count) does start over."""
+    def train(epochs: int, **extra: str) -> str:
+        words = run_words(digits, tmp_path, "fresh", f"optim.epochs={epochs}", "--fresh", steps=2)
+        p = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *words], cwd=REPO, env=env(**extra),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+    train(1)
+    restarted = train(2, **{restart_variable: "1"})
+    assert f"resumed from {tmp_path / 'fresh.pth.tar'}: epoch 2 step 0, global step 2" in restarted
+    assert global_steps(restarted, 2) == [3, 4]
+    again = train(1)
+    assert "resumed from" not in again and global_steps(again, 2) == [1, 2]
+    assert load_checkpoint(tmp_path / "fresh.pth.tar")["global_step"] == 2

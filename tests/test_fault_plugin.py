@@ -11,7 +11,7 @@ import sys
 from fault_plugin import HERE as PLUGIN, REPO, fault_env
 from fault_plugin.sitecustomize import VARIABLES
 
-# What a subprocess reports about the plugin and the two functions it may patch.
+# What a subprocess reports about the plugin and two functions it may patch (GraphedStep.step: GRAPHED below).
 PROBE = """
 import sys
 import fdmobilenet.checkpoint as checkpoint, fdmobilenet.engine as engine
@@ -46,6 +46,36 @@ for _ in range(3):
         t.global_step += 1
 save_checkpoint({"w": model[1].weight}, sys.argv[1])
 print("saved")
+"""
+
+# The same faults in a CUDA-graphed step (fdmobilenet.cuda_graph): one warm-up step through Trainer.step, then
+# replays, which do not go through it. No CUDA here: the capture is a stand-in that replays by calling the
+# captured function (as tests/test_cuda_graph.py's orchestration tests do).
+GRAPHED = """
+import torch
+from torch import nn
+from fdmobilenet.config import OptimConfig, SchedConfig
+from fdmobilenet.cuda_graph import GraphedStep
+from fdmobilenet.distributed import init_distributed
+from fdmobilenet.engine import NonFiniteLossError, Trainer
+from fdmobilenet.optim import build_optimizer, build_scheduler
+info = init_distributed("cpu")
+model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+opt = build_optimizer(model, OptimConfig(impl="fused"), info.device)
+t = Trainer(model, model, opt, build_scheduler(opt, OptimConfig(), SchedConfig(), 10), nn.CrossEntropyLoss(), info)
+graphed = GraphedStep(t, warmup_steps=1, capture=lambda body, stream: body)
+images, labels = torch.ones(2, 3, 2, 2), torch.tensor([0, 1])
+for _ in range(4):
+    try:
+        loss, _ = graphed.step(images, labels)
+        print("step", t.global_step - 1, "replayed" if graphed._replay else "warm-up", bool(torch.isfinite(loss)))
+    except RuntimeError as e:
+        print("step", t.global_step, "raised:", e)
+        t.global_step += 1
+try:
+    t.check_finite(0)
+except NonFiniteLossError as e:
+    print("marker:", e)
 """
 
 
@@ -91,3 +121,10 @@ def test_each_fault(tmp_path):
     assert out.index("fault plugin: slow checkpoint write, 0.5 s before writing") < \
         out.index(f"fault plugin: checkpoint {tmp_path / 'c.pt'} written") < out.index("saved")
     assert (tmp_path / "c.pt").is_file()
+
+
+def test_step_faults_reach_a_cuda_graphed_step():
+    out = python(GRAPHED, fault_env(raise_at_step=2, nan_at_step=3))
+    assert "step 0 warm-up True" in out and "step 1 replayed True" in out
+    assert "step 2 raised: injected failure on rank 0 at global step 2" in out
+    assert "step 3 replayed False" in out and "marker: training loss is NaN/Inf in epoch 1, at global step 3" in out

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -382,8 +383,10 @@ def test_webdataset_without_shards_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_gpu_placement_matches_the_cpu_graph(photo_root, truncated_root):
-    """DALI's mixed (nvJPEG) decode and GPU ops: the same graph as on the CPU above, placed on the GPU."""
+def test_gpu_placement_matches_the_cpu_graph(photo_root):
+    """DALI's mixed (nvJPEG) decode and GPU ops: the same graph as on the CPU above, placed on the GPU. The
+    batches are handed over on torch's current stream (pipelines.dali.hand_over_on_current_stream): taken on
+    the default stream and on a side stream, they hold the images the CPU graph decodes."""
     gpu = torch.device("cuda", 0)
     data = small(photo_root, 3, train_crop="random", color_jitter=(0.4, 0.4, 0.4, 0.1))
     for images, labels in build_loader(data, "train", 4, device=gpu):
@@ -393,6 +396,61 @@ def test_gpu_placement_matches_the_cpu_graph(photo_root, truncated_root):
     on_cpu = list(build_loader(data, "val", 7, device=CPU))[0]
     assert torch.equal(on_gpu[1].cpu(), on_cpu[1])
     assert (on_gpu[0].float().cpu() - on_cpu[0]).abs().mean() < 0.05     # nvJPEG vs libjpeg-turbo
-    root, victim = truncated_root                 # nvJPEG decodes it silently: the up-front check names it
+    side = torch.cuda.Stream(gpu)
+    with torch.cuda.stream(side):
+        on_side = list(build_loader(data, "val", 7, device=gpu))[0]
+        on_side = (on_side[0].float().cpu(), on_side[1].cpu())            # read on the stream they came on
+    assert torch.equal(on_side[1], on_cpu[1]) and (on_side[0] - on_cpu[0]).abs().mean() < 0.05
+
+
+@pytest.fixture
+def one_photo(tmp_path) -> Path:
+    """skimage's chelsea (451x300), saved as 8 copies of one JPEG (q90, 4:4:4) in a one-class folder."""
+    import skimage.data
+    folder = tmp_path / "photo" / "train" / "cat"
+    folder.mkdir(parents=True)
+    Image.fromarray(skimage.data.chelsea()).save(folder / "a.jpg", quality=90, subsampling=0)
+    for i in range(1, 8):
+        shutil.copyfile(folder / "a.jpg", folder / f"{'abcdefgh'[i]}.jpg")
+    return folder
+
+
+def decoded(folder: Path, device: str, hw_decoder_load: float) -> np.ndarray:
+    """The 8 JPEGs through DALI's decoder alone (readers.file -> decoders.image), as the pipeline's decode
+    step runs it ('mixed' = nvJPEG on the GPU, its hardware decoder taking ``hw_decoder_load`` of them)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=0 if device == "mixed" else None)
+    def decode():
+        jpegs, _ = fn.readers.file(files=sorted(str(p) for p in folder.iterdir()))
+        extra = dict(hw_decoder_load=hw_decoder_load) if device == "mixed" else {}
+        return fn.decoders.image(jpegs, device=device, output_type=types.RGB, **extra)
+
+    pipe = decode()
+    pipe.build()
+    (out,) = pipe.run()
+    out = out.as_cpu() if device == "mixed" else out
+    return np.stack([np.array(out[i]) for i in range(8)]).astype(np.int16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 0.99])
+def test_mixed_decode_of_a_photo_matches_the_cpu_decode(one_photo, hw_decoder_load):
+    """nvJPEG (CUDA path at 0, mostly the hardware decoder at 0.99) against libjpeg-turbo on the CPU. Both
+    are conforming decoders of a 4:4:4 JPEG (no chroma upsampling to differ in): they may differ by IDCT and
+    colour-conversion rounding, a few levels of 255 at most. Tolerance: mean |diff| <= 1 level and 99.9 % of
+    the samples within 8 levels - a wrong decode (grey blocks, shifted or swapped channels) is far outside."""
+    gpu, cpu = decoded(one_photo, "mixed", hw_decoder_load), decoded(one_photo, "cpu", 0.0)
+    assert gpu.shape == cpu.shape == (8, 300, 451, 3)
+    diff = np.abs(gpu - cpu)
+    assert diff.mean() <= 1.0 and np.quantile(diff, 0.999) <= 8, (diff.mean(), np.quantile(diff, 0.999))
+
+
+@pytest.mark.gpu
+def test_truncated_jpeg_is_refused_on_the_gpu_path(truncated_root):
+    """nvJPEG decodes a half-cut JPEG without an error: the loader's up-front check names it before DALI's
+    mixed decoder gets to see it."""
+    gpu = torch.device("cuda", 0)
+    root, victim = truncated_root
     with pytest.raises(CorruptImageError, match=victim.name):
         build_loader(small(root, 3), "train", 2, device=gpu)

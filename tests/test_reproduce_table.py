@@ -34,15 +34,21 @@ from fdmobilenet.config import load_experiment, read_yaml
 from fdmobilenet.flops import count_macs, count_params
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.runs import read_rows
-from launch_support import LAUNCH, REPO, build_digits, env, run, start, tail, wait_for
-from test_launch_slurm import slurm, wait_job  # noqa: F401  (slurm: the cluster fixture)
+from launch_support import LAUNCH, REPO, build_digits, run, start, tail, wait_for
+from slurm_support import running_cluster
 
 from benchmarks.accuracy_table import main as table_main
 
 WIDTHS = {"1x": 1.0, "0.5x": 0.5, "0.25x": 0.25}
 PAPER_TOP1 = {1.0: 65.3, 0.5: 56.3, 0.25: 45.1}     # FD-MobileNet, Qin et al. 2018
 STEPS = 40
-RELEASED = REPO.parent / "shared" / "fixtures" / "original" / "0.25x-FDMobileNet-224.pth.tar"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running one-node cluster (launch/slurm_localhost) for this module's SLURM test."""
+    yield from running_cluster(LAUNCH / "slurm_localhost" / "slurm-start.sh", LAUNCH / "slurm_localhost" / "slurm-stop.sh")
 
 
 @pytest.fixture(scope="module")
@@ -206,17 +212,15 @@ def test_table_shows_a_run_in_progress_and_widths_without_a_run(sh_runs):
         assert rows[width]["paper_top1"] == str(PAPER_TOP1[float(width)])
 
 
-def test_released_weights_scored_by_evaluate_in_an_extra_row(sh_runs, tmp_path):
+def test_released_weights_scored_by_evaluate_in_an_extra_row(sh_runs, released_weights, tmp_path):
     """On the runs' own val split (digits) the released ImageNet weights cannot be scored, and the row says
     why; on three real photos filed under their ImageNet index (as tests/test_train_runs.py) evaluate.py
     scores them: the cat and the espresso top-1, the rocket (missile) only in the top 5."""
-    if not RELEASED.is_file():
-        pytest.skip(f"the released checkpoint is not at {RELEASED} (../shared is mounted beside the repo)")
-    rows = csv_rows(table(str(sh_runs["runs"]), "--released", str(RELEASED), "--format", "csv"))
+    rows = csv_rows(table(str(sh_runs["runs"]), "--released", str(released_weights), "--format", "csv"))
     released = rows[-1]
-    assert released["run"] == str(RELEASED) and released["width"] == "0.25" and released["px"] == "224"
-    assert released["status"].startswith(f"not scored on {sh_runs['digits']}/val: evaluate.py exit 1: ")
-    assert f"{sh_runs['digits']}/val has 10 class folders but data.num_classes is 1000" in released["status"]
+    assert released["run"] == str(released_weights) and released["width"] == "0.25" and released["px"] == "224"
+    assert released["status"].startswith(f"not scored on {sh_runs['digits']}/val: evaluate.py exit 2: evaluate.py: ")
+    assert f"{sh_runs['digits']}/val has 10 class folders but {released_weights} has 1000 outputs" in released["status"]
     assert float(released["mflops"]) == pytest.approx(12.037952, rel=1e-5) and released["params"] == "383160"
 
     import skimage.data
@@ -224,7 +228,7 @@ def test_released_weights_scored_by_evaluate_in_an_extra_row(sh_runs, tmp_path):
     for index, photo in ((285, "chelsea"), (967, "coffee"), (657, "rocket")):
         (tmp_path / "val" / str(index)).mkdir(parents=True)
         Image.fromarray(getattr(skimage.data, photo)()).save(tmp_path / "val" / str(index) / f"{photo}.jpg", quality=95)
-    text = table(str(sh_runs["runs"]), "--released", str(RELEASED), "--val-root", str(tmp_path),
+    text = table(str(sh_runs["runs"]), "--released", str(released_weights), "--val-root", str(tmp_path),
                  "--labels-from-folder-names")
     released = csv_rows(text.split("\n\n")[-1])[-1]
     assert (float(released["top1_final"]), float(released["top5_final"])) == (pytest.approx(66.67, abs=0.01), 100.0)
@@ -233,23 +237,24 @@ def test_released_weights_scored_by_evaluate_in_an_extra_row(sh_runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ SLURM array
+@pytest.mark.slurm
 def test_slurm_job_array_runs_the_three_widths_and_a_requeued_element_resumes(slurm, digits, experiments,
                                                                               tmp_path):
     runs = tmp_path / "runs"
     p = subprocess.run(["sbatch", "--parsable", "-t", "8", "-o", f"{tmp_path}/%x-%A_%a.out",
                         str(LAUNCH / "reproduce_table.sbatch"), *words(digits)], cwd=REPO, capture_output=True,
-                       text=True, timeout=60, env=env(TABLE_EXPERIMENT=experiments, TABLE_DIR=str(runs)))
+                       text=True, timeout=60, env=slurm.env(TABLE_EXPERIMENT=experiments, TABLE_DIR=str(runs)))
     assert p.returncode == 0, f"sbatch failed: {p.stderr}"
     job = int(p.stdout.strip().split(";")[0])
     outputs = [tmp_path / f"fdmobilenet-table-{job}_{i}.out" for i in range(3)]
     wait_for(outputs[2], r"epoch 1/2 step 3/", 400)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_2"], check=True, timeout=30)
-    states = [wait_job(f"{job}_{i}", timeout=400) for i in range(3)]
+    slurm.scancel("--signal=USR1", "--batch", f"{job}_2")
+    states = [slurm.wait(f"{job}_{i}", timeout=400) for i in range(3)]
     texts = [o.read_text(errors="replace") if o.exists() else "(no output)" for o in outputs]
     for i, (state, text) in enumerate(zip(states, texts)):
         assert state.endswith("COMPLETED ExitCode=0:0"), f"element {i}: {state}\n{text[-4000:]}"
         assert f"reproduce_table: array element {i} = {list(WIDTHS)[i]}" in text
-        assert "1 node(s) x 2 worker(s), rendezvous localhost:" in text       # slurm.sbatch's step
+        assert "1 node(s), rendezvous localhost:" in text and "localhost: torchrun with 2 worker(s)" in text
     assert "(restart 1)" not in texts[0] + texts[1], texts[0][-3000:] + texts[1][-3000:]   # only element 2
     first, sep, second = texts[2].partition("(restart 1)")
     assert sep, f"element 2 did not run a second time:\n{texts[2][-4000:]}"

@@ -371,3 +371,37 @@ def test_cpu_threads_leave_the_loaders_cores_free(monkeypatch):
         assert set_cpu_threads(data) == "1 (OMP_NUM_THREADS)" and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_schedule_against_torchs_sequential_lr():
+    """Why the schedule is one LambdaLR and not torch's SequentialLR(LinearLR, CosineAnnealingLR / StepLR):
+    the cosine form gives the same lr at every step, but SequentialLR restarts its second scheduler's count
+    at the end of the warmup, so StepLR's decays come `warmup` steps late - the paper's "lr / 10 at epochs 30,
+    60, 90" would move. One rule serves both and keeps the epoch boundaries exact."""
+    import warnings
+
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR, StepLR
+    optim = OptimConfig(lr=0.1, epochs=10, warmup_epochs=2)
+    warmup = 2 * STEPS_PER_EPOCH
+    for sched, late in ((SchedConfig(type="cosine", min_lr=0.001), False), (SchedConfig(step_size=3), True)):
+        ours = build_optimizer(nn.Linear(2, 2), optim, torch.device("cpu"))
+        ours_sched = build_scheduler(ours, optim, sched, STEPS_PER_EPOCH)
+        theirs = build_optimizer(nn.Linear(2, 2), optim, torch.device("cpu"))
+        after = (CosineAnnealingLR(theirs, T_max=optim.epochs * STEPS_PER_EPOCH - warmup, eta_min=sched.min_lr)
+                 if sched.type == "cosine" else StepLR(theirs, step_size=sched.step_size * STEPS_PER_EPOCH))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # SequentialLR's own deprecation notes
+            theirs_sched = SequentialLR(theirs, [LinearLR(theirs, 1 / warmup, 1.0, warmup - 1), after], [warmup])
+        differ = []
+        for step in range(optim.epochs * STEPS_PER_EPOCH):
+            a, b = ours.param_groups[0]["lr"], theirs.param_groups[0]["lr"]
+            if a != pytest.approx(b, rel=1e-9):
+                differ.append(step)
+            for o, s in ((ours, ours_sched), (theirs, theirs_sched)):
+                o.step()
+                s.step()
+        if not late:
+            assert differ == []
+        else:   # epoch 3's decay at step 21 (ours) comes at 21 + warmup in SequentialLR, and so on
+            first = 3 * STEPS_PER_EPOCH
+            assert differ[:warmup] == list(range(first, first + warmup))

@@ -11,7 +11,8 @@ hook, nothing patched. With one set, it patches the training code as that is imp
   FDM_FAULT_SLOW_SAVE_S=s     every checkpoint write first sleeps s seconds (a slow filesystem), printing
                               "fault plugin: ..." before and after
 
-Global steps count from 0, as the trainer's own ``global_step`` does.
+Global steps count from 0, as the trainer's own ``global_step`` does. The step faults reach the eager step
+and the CUDA-graphed one (train.cuda_graphs) alike.
 """
 from __future__ import annotations
 
@@ -27,15 +28,17 @@ SLOW_SAVE_S = "FDM_FAULT_SLOW_SAVE_S"
 VARIABLES = (RAISE_AT_STEP, RAISE_RANK, NAN_AT_STEP, SLOW_SAVE_S)
 
 # ------------------------------------------------------------------------------- what is patched, in one place
-# (module, attribute path) of the two functions the faults wrap, and how the step's global step is read.
+# (module, attribute path) of the functions the faults wrap, and how the step's global step is read.
 # Retarget here when the training code moves; nothing else in this file names the product's code.
 STEP = ("fdmobilenet.engine", "Trainer.step")              # step(self, images, labels), one optimizer step
+# the same step as a replayed CUDA graph (train.cuda_graphs): its replays do not go through Trainer.step
+GRAPHED_STEP = ("fdmobilenet.cuda_graph", "GraphedStep.step")
 SAVE = ("fdmobilenet.checkpoint", "save_checkpoint")       # save_checkpoint(obj, path), every checkpoint write
 
 
-def global_step(trainer) -> int:
-    """The global step ``trainer.step`` is about to run."""
-    return trainer.global_step
+def global_step(owner) -> int:
+    """The global step ``owner.step`` is about to run (``owner``: a Trainer, or a GraphedStep of one)."""
+    return getattr(owner, "trainer", owner).global_step
 
 
 # ------------------------------------------------------------------------------------------------ the faults
@@ -116,7 +119,8 @@ class PatchingLoader(importlib.abc.Loader):
 def install() -> None:
     patches: dict[str, list] = {}
     if os.environ.get(RAISE_AT_STEP) or os.environ.get(NAN_AT_STEP):
-        patches.setdefault(STEP[0], []).append((STEP[1], faulty_step))
+        for module, attribute in (STEP, GRAPHED_STEP):
+            patches.setdefault(module, []).append((attribute, faulty_step))
     if os.environ.get(SLOW_SAVE_S):
         patches.setdefault(SAVE[0], []).append((SAVE[1], slow_save))
     if patches:
