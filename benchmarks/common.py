@@ -20,7 +20,10 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 # torch (and fdmobilenet, which imports it) load inside the functions that need them: collect_results.py
 # uses the table and file helpers after every run_gpu.sh step and should not pay torch's import each time.
@@ -88,7 +91,7 @@ def endless(loader) -> Iterator:
         epoch += 1
 
 
-def timed(fn: Callable[[], Any], device: "torch.device") -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds of ``fn()``, with the device idle at both ends (queued GPU work is counted, not skipped)."""
     from fdmobilenet.engine import sync
     sync(device)

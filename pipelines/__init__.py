@@ -1,12 +1,10 @@
 """Data loaders behind one batch interface (see pipelines.base.BatchLoader); ``build_loader`` picks one."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, CorruptImageError, DataError
+from pipelines.base import BatchLoader, CorruptImageError, DataError, check_split_name
 from pipelines.defaults import resolve_loader_defaults
 from pipelines.preflight import check_split
 
@@ -14,8 +12,7 @@ __all__ = ["build_loader", "resolve_loader_defaults", "BatchLoader", "DataError"
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 local_rank: int = 0, device: torch.device, group=None,
-                 epochs_hint: Optional[int] = None) -> BatchLoader:
+                 local_rank: int = 0, device: torch.device, group=None) -> BatchLoader:
     """The ``split`` ('train' | 'val') loader named by ``data.loader`` (dali | torchvision | synthetic).
 
     ``batch_size`` is per rank; ``rank`` is the global rank (the shard this process reads), ``world_size``
@@ -24,11 +21,9 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
     set to ``auto`` get this rank's values first (pipelines.defaults). The file loaders start from the data
     pre-flight (pipelines.preflight.check_split), which the ranks share over ``group`` (the host-side gloo
     group: every rank builds the same loaders in the same order); without a group each process checks every
-    file itself. ``epochs_hint`` is part of the interface for loaders that plan whole runs; none of these
-    needs it.
+    file itself.
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    check_split_name(split)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
     if not 0 <= rank < world_size:

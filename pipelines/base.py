@@ -107,8 +107,12 @@ def train_steps(num_samples: int, batch_size: int, num_shards: int, where: str) 
     return smallest // batch_size
 
 
-def split_dir(data: DataConfig, split: str) -> Path:
-    """``{root}/{train_split}`` or ``{root}/{val_split}``."""
+def check_split_name(split: str) -> None:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+
+def split_dir(data: DataConfig, split: str) -> Path:
+    """``{root}/{train_split}`` or ``{root}/{val_split}``."""
+    check_split_name(split)
     return Path(data.root) / (data.train_split if split == "train" else data.val_split)

@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 
 from pipelines.imagefolder import list_samples
-
-JPEG_MAGIC = b"\xff\xd8\xff"
+from pipelines.verify import JPEG_SOI
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
@@ -59,7 +58,7 @@ def write_shard(task: tuple[str, str, list[tuple[int, str, int]]]) -> tuple[str,
     with tarfile.open(tar_path + ".tmp", "w", format=tarfile.GNU_FORMAT) as tar:
         for position, path, label in samples:
             data = Path(path).read_bytes()
-            if not data.startswith(JPEG_MAGIC):
+            if not data.startswith(JPEG_SOI):
                 not_jpeg.append(path)
             key = f"{position:08d}"
             lines.append(" ".join([_add_member(tar, f"{key}.jpg", data),

@@ -42,10 +42,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from fdmobilenet.config import DataConfig
 from pipelines import manifest
 from pipelines.base import CorruptImageError, DataError, shard_bounds, split_dir
-from pipelines.verify import CHECK_VERSION, check_image, map_files
+from pipelines.verify import CHECK_VERSION, JPEG_EOI, JPEG_SOI, check_image, map_files
 
 Member = tuple[str, str, int, "int | None"]   # (name for messages, file, byte offset, size or None = whole file)
-JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 TAIL_BYTES = 64          # room for the zero padding some writers put after the end-of-image marker
 HEADER_BYTES = 1 << 16   # JPEG headers (tables, frame, EXIF) nearly always fit; longer ones are read whole
 SCAN_THREADS = 16        # the scan waits on reads (a network file system most): more threads than cores

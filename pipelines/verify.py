@@ -37,7 +37,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from pipelines import manifest
 
-JPEG_MAGIC = b"\xff\xd8\xff"
+# Every JPEG file starts with the start-of-image marker and (unless cut short) ends with the end-of-image one.
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 # The version of check_image's verdicts that a manifest records: raise it when check_image finds other files
 # than before, so that manifests written by the older check are not trusted.
 CHECK_VERSION = 1
@@ -62,7 +63,7 @@ def check_image(path: str) -> Problem | None:
         if size == 0:
             return Problem(path, "empty file (0 bytes)")
         with open(path, "rb") as f:
-            head = f.read(3)
+            head = f.read(len(JPEG_SOI))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # EXIF/ICC noise is not our concern; decode failures raise
             with Image.open(path) as im:
@@ -76,7 +77,7 @@ def check_image(path: str) -> Problem | None:
         if "truncated" in str(e):
             return Problem(path, f"truncated image data ({e})")
         return Problem(path, f"unreadable or corrupt: {type(e).__name__}: {e}")
-    if head != JPEG_MAGIC:
+    if head != JPEG_SOI:
         return Problem(path, f"not a JPEG: the content is {fmt} (decodes, but the name/format differ)", "warning")
     return None
 

@@ -31,7 +31,7 @@ class OneBlockWider(FDMobileNet):
     def __init__(self, width_mult):
         super().__init__(width_mult)
         f = self.features
-        pw, bn, nxt = f.pw_conv_5, f.pw_norm_5, f.dw_conv_6
+        pw, nxt = f.pw_conv_5, f.dw_conv_6
         c = pw.out_channels + 1
         f.pw_conv_5 = nn.Conv2d(pw.in_channels, c, 1, bias=False)
         f.pw_norm_5 = nn.BatchNorm2d(c)

@@ -20,7 +20,6 @@ import csv
 import io
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
