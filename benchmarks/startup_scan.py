@@ -31,12 +31,13 @@ import multiprocessing as mp
 import os
 import shutil
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import describe, environment, interleave, markdown_table, median, record, write_json
+from common import describe, environment, interleave, markdown_table, record, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "Start-up data check"
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, runs in results.items():
         seconds = [r["seconds"] for r in runs]
-        row = {"variant": name, "s": round(median(seconds), 3), "rounds": [round(s, 3) for s in seconds]}
+        row = {"variant": name, "s": round(statistics.median(seconds), 3), "rounds": [round(s, 3) for s in seconds]}
         if "ranks" in runs[0]:
             row["checked"] = " + ".join(f"{r['checked']:,}" for r in runs[0]["ranks"])
         rows.append(row)
