@@ -16,10 +16,11 @@ MARKER = ".complete.json"    # written last: its presence with the same paramete
 BUILDING = ".building"       # written first: marks a half-built tree as ours, safe to delete and redo
 
 
-def list_samples(split_dir: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(class_names, [(path, class_index), ...])`` in torchvision ImageFolder order."""
+def list_samples(split_dir: str | Path, allow_empty: bool = False) -> tuple[list[str], list[tuple[str, int]]]:
+    """``(class_names, [(path, class_index), ...])`` in torchvision ImageFolder order; an empty class folder
+    is torchvision's FileNotFoundError unless ``allow_empty`` (for callers that name it themselves)."""
     classes, class_to_idx = find_classes(str(split_dir))
-    return classes, make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+    return classes, make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
 
 
 def build_once(root: str | Path, params: dict, build: Callable[[Path], None],

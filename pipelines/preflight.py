@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fdmobilenet.config import DataConfig
 from pipelines import manifest
 from pipelines.base import CorruptImageError, DataError, shard_bounds, split_dir
+from pipelines.imagefolder import list_samples
 from pipelines.verify import CHECK_VERSION, JPEG_EOI, JPEG_SOI, check_image, map_files
 
 Member = tuple[str, str, int, "int | None"]   # (name for messages, file, byte offset, size or None = whole file)
@@ -103,8 +104,7 @@ def check_classes(folder: Path, classes: list[str], labels: list[int], num_class
 def list_folder(data: DataConfig, folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """``(classes, [(path, label), ...])`` of an ImageFolder split, in torchvision's order and labelling."""
     check_split_folder(folder)
-    classes, class_to_idx = find_classes(str(folder))
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    classes, samples = list_samples(folder, allow_empty=True)
     check_classes(folder, classes, [label for _, label in samples], data.num_classes)
     return classes, samples
 

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipelines import manifest
+from pipelines.imagefolder import list_samples
 
 # Every JPEG file starts with the start-of-image marker and (unless cut short) ends with the end-of-image one.
 JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
@@ -146,12 +147,12 @@ def write_manifest(split: Path, checked: dict[str, tuple[int, int, Problem | Non
     """The manifest of ``split`` in its loader's listing order, from ``checked`` (path -> check_file's
     result); None for a split without class folders (reported as an error already)."""
     try:
-        _, class_to_idx = find_classes(str(split))
+        _, samples = list_samples(split, allow_empty=True)
     except FileNotFoundError:
         return None
     prefix = len(str(split)) + 1
     entries = []
-    for path, label in make_dataset(str(split), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True):
+    for path, label in samples:
         size, mtime_ns, problem = checked[path] if path in checked else check_file(path)
         entries.append((path[prefix:], size, mtime_ns, label, problem.severity if problem else "ok",
                         problem.reason if problem else ""))
