@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, model_state_dict, strip_prefixes
+from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, model_config
 from fdmobilenet.config import ConfigError, load_experiment
 from fdmobilenet.flops import count_macs, count_params
 from fdmobilenet.model import FDMobileNet
@@ -96,11 +96,8 @@ def val_split_of(runs: list[Run], val_root: Path | None) -> dict[str, str]:
 
 def released_row(path: Path, data: dict[str, str], labels_from_folder_names: bool) -> dict:
     """The released weights scored by evaluate.py; a failure is shown in the row's status."""
-    weights = strip_prefixes(model_state_dict(load_checkpoint(path), str(path)))
-    if "classifier.weight" not in weights:
-        raise CheckpointError(f"{path} has no classifier.weight: not FD-MobileNet weights")
-    num_classes, features = weights["classifier.weight"].shape
-    width = features / 1024   # FD-MobileNet's last layer has int(1024 * width) channels
+    model, num_classes = model_config(load_checkpoint(path), str(path))
+    width = model.width_mult
     px = load_experiment(data=RELEASED_DATA).data.val_crop
     mflops, params = model_cost(width, num_classes, px)
     cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(path), "--data", RELEASED_DATA,
