@@ -202,22 +202,23 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is True on any rank. Host-only (gloo control group)."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
-    return bool(t.item())
-
-
-def min_over_ranks(value: int, info: DistInfo) -> int:
-    """The smallest ``value`` of all ranks, on every rank. Host-only (gloo control group)."""
+def _host_all_reduce(value: int, op: dist.ReduceOp, info: DistInfo) -> int:
+    """``value`` reduced with ``op`` over the ranks, on every rank. Host-only (gloo control group)."""
     if not info.distributed:
         return value
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control_group)
+    dist.all_reduce(t, op=op, group=info.control_group)
     return int(t.item())
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is True on any rank."""
+    return bool(_host_all_reduce(int(flag), dist.ReduceOp.MAX, info))
+
+
+def min_over_ranks(value: int, info: DistInfo) -> int:
+    """The smallest ``value`` of all ranks, on every rank."""
+    return _host_all_reduce(value, dist.ReduceOp.MIN, info)
 
 
 def gather_to_main(obj: Any, info: DistInfo) -> Optional[list]:

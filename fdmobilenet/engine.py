@@ -338,10 +338,10 @@ def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: Ch
     (fdmobilenet.cuda_graph.GraphedStep.step replays it as a CUDA graph).
 
     At each step boundary, in this order: every ``cfg.print_freq`` steps and at the epoch's last step a log
-    line (and the non-finite loss check); every ``cfg.save_every_steps`` global steps a checkpoint (not at
-    the epoch's last step: the end of the epoch saves after its evaluation); every ``preempt.poll_every``
-    steps and at the last step the ranks' agreement on a preemption signal - on a signal a checkpoint, then
-    Preempted. A signal at the last step leaves the epoch trained but not evaluated: the resumed run
+    line (and the non-finite loss check); every ``preempt.poll_every`` steps and at the last step the ranks'
+    agreement on a preemption signal; a checkpoint every ``cfg.save_every_steps`` global steps (not at the
+    epoch's last step: the end of the epoch saves after its evaluation) and on a signal - one when both fall
+    on the step - then, on a signal, Preempted. A signal at the last step leaves the epoch trained but not evaluated: the resumed run
     evaluates it first.
     """
     t, info, epochs = state.trainer, state.trainer.info, state.config.optim.epochs
@@ -368,12 +368,12 @@ def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: Ch
                       "steps_left": (epochs - state.epoch) * state.steps - state.step,
                       "max_mem_gib": torch.cuda.max_memory_allocated(info.device) / 2**30
                       if info.device.type == "cuda" else None})
-        if cfg.save_every_steps > 0 and t.global_step % cfg.save_every_steps == 0 and not last:
+        save_due = cfg.save_every_steps > 0 and t.global_step % cfg.save_every_steps == 0 and not last
+        stop = (state.step % preempt.poll_every == 0 or last) and preempt.agreed(info)
+        if save_due or stop:            # one save when a periodic save and a preemption meet at a step
             window.fold(state)
             state.save(saver)
-        if (state.step % preempt.poll_every == 0 or last) and preempt.agreed(info):
-            window.fold(state)
-            state.save(saver)
+        if stop:
             raise Preempted(preempt.signal_name)
     s = state.sums
     loss_sum, correct, samples = all_reduce_sum(
