@@ -29,14 +29,13 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from torch import nn
 
 import pipelines
 from fdmobilenet import cli, watchdog
 from fdmobilenet.checkpoint import CheckpointSaver, load_weights
-from fdmobilenet.config import ExperimentConfig, apply_overrides, load_experiment, load_model_ref, to_dict
+from fdmobilenet.config import ExperimentConfig, load_experiment, to_dict
 from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
 from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
@@ -90,20 +89,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_config(args: argparse.Namespace) -> ExperimentConfig:
     """Experiment file, then the family flags (--model also takes a bare width, as evaluate.py does), then
     the overrides."""
-    cfg = load_experiment(args.config, data=args.data, optim=args.optim, sched=args.sched)
-    if args.model:
-        cfg.model = load_model_ref(args.model)
     flags = [f"train.label={args.label}"] if args.label else []
     flags += [f"train.print_freq={args.print_freq}"] if args.print_freq else []
-    apply_overrides(cfg, [*flags, *args.set, *args.overrides])
-    return cfg
+    return load_experiment(args.config, data=args.data, model=args.model, optim=args.optim, sched=args.sched,
+                           overrides=[*flags, *args.set, *args.overrides])
 
 
 def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
     # --fresh is for a job's first start: when torchrun restarts the workers or SLURM requeues the job, the
     # same command line comes again and must continue from what the job saved, not start over once more
-    return Plan(cfg, world_sizes, Path(cfg.train.output_dir) / f"{cfg.train.label}.pth.tar", resume=args.resume,
-                fresh=args.fresh and not restarts(), evaluate=args.evaluate)
+    return Plan(cfg, world_sizes, CheckpointSaver(cfg.train.output_dir, cfg.train.label).path,
+                resume=args.resume, fresh=args.fresh and not restarts(), evaluate=args.evaluate)
 
 
 def build_loader(cfg: ExperimentConfig, split: str, batch: int, info: DistInfo):

@@ -345,7 +345,8 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
                     optim: str | None = None, sched: str | None = None,
                     overrides: list[str] = ()) -> ExperimentConfig:
     """Compose an experiment: an optional experiment file, then family files given one by one (the authors'
-    ``--data --model --optim --sched`` flags), then ``section.key=value`` overrides."""
+    ``--data --model --optim --sched`` flags; ``model`` may be a bare width, as load_model_ref), then
+    ``section.key=value`` overrides."""
     exp = ExperimentConfig()
     if path is not None:
         p = resolve_path(path, "experiments")
@@ -368,7 +369,7 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
                     raise ConfigError(f"{p}: section '{section}' must be a file name or a mapping, got {ref!r}")
     for section, ref in (("data", data), ("model", model), ("optim", optim), ("sched", sched)):
         if ref is not None:
-            setattr(exp, section, load_family(section, ref))
+            setattr(exp, section, load_model_ref(ref) if section == "model" else load_family(section, ref))
     apply_overrides(exp, overrides)
     return exp
 

@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdmobilenet.checkpoint import load_checkpoint
+from fdmobilenet.checkpoint import CheckpointSaver, load_checkpoint
 from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, read_yaml
 
 CONFIG_SUFFIX = ".config.yaml"
@@ -86,7 +86,7 @@ def read_run(config_path: str | Path) -> Run:
         raise ConfigError(f"{config_path}: not a run's config (a mapping with run, data, model, ... sections)")
     label, folder = config_path.name[:-len(CONFIG_SUFFIX)], config_path.parent
     rows = read_rows(folder / f"{label}.jsonl")
-    ckpt_path = folder / f"{label}.pth.tar"
+    ckpt_path = CheckpointSaver(folder, label).path
     if ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         done, step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
