@@ -33,7 +33,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, CorruptImageError, DataError, image_dtype, nchw_channels_last
+from pipelines.base import (BatchLoader, CorruptImageError, DataError, corrupt_image, image_dtype,
+                            nchw_channels_last)
 from pipelines.preflight import CheckedSplit
 
 READER = "Reader"
@@ -210,14 +211,10 @@ class DaliLoader(BatchLoader):
                     f"every file and names it. DALI said: {exc}") from exc
             if match is None:
                 raise
-            if self.data.layout == "webdataset":    # DALI names it TAR:OFFSET:KEY.jpg
-                fix = ("the key is the sample's position in the packed ImageFolder; check that folder with "
-                       "`python -m pipelines.verify`, fix it and pack again")
-            else:
-                fix = (f"replace or delete it, or set data.on_corrupt=skip; `python -m pipelines.verify "
-                       f"{folder}` lists every bad file")
-            raise CorruptImageError(f"cannot decode {match.group(1).strip()} (truncated or corrupt image) "
-                                    f"while reading {folder}; {fix}") from exc
+            fix = ("the key is the sample's position in the packed ImageFolder; check that folder with "
+                   "`python -m pipelines.verify`, fix it and pack again"
+                   if self.data.layout == "webdataset" else "")    # DALI names it TAR:OFFSET:KEY.jpg
+            raise corrupt_image(match.group(1).strip(), "truncated or corrupt image", folder, fix) from exc
 
     # --------------------------------------------------------------------------------------- iterating
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

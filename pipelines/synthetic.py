@@ -12,15 +12,13 @@ import torch
 
 from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, image_dtype
-
-# What the synthetic loader pretends to be: ImageNet-1k (ILSVRC-2012) train / val sizes.
-IMAGENET_SIZES = {"train": 1_281_167, "val": 50_000}
+from pipelines.imagenet import OFFICIAL_COUNTS   # what the synthetic loader pretends to be: ILSVRC-2012's sizes
 
 
 class SyntheticLoader(BatchLoader):
     def __init__(self, data: DataConfig, split: str, batch_size: int, *, rank: int, world_size: int,
                  device: torch.device):
-        total = IMAGENET_SIZES[split]
+        total = OFFICIAL_COUNTS[split]
         super().__init__(split, total, batch_size, rank, world_size, device,
                          where=f"synthetic {split} ({total} images)")
         size = data.crop_size if self.train else data.val_crop

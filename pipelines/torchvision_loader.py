@@ -20,7 +20,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, CorruptImageError, image_dtype
+from pipelines.base import BatchLoader, CorruptImageError, corrupt_image, image_dtype
 from pipelines.preflight import CheckedSplit
 
 
@@ -38,9 +38,7 @@ def load_image(path: str, folder: str) -> Image.Image:
         return open_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
         what = "empty file, 0 bytes" if os.path.getsize(path) == 0 else f"truncated or corrupt image: {e}"
-        raise CorruptImageError(f"cannot decode {path} ({what}) while reading {folder}; replace or delete it, or "
-                                f"set data.on_corrupt=skip; `python -m pipelines.verify {folder}` lists every "
-                                f"bad file") from e
+        raise corrupt_image(path, what, folder) from e
 
 
 def train_transform(data: DataConfig) -> T.Compose:
