@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 # uses the table and file helpers after every run_gpu.sh step and should not pay torch's import each time.
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# The trainer's step line (fdmobilenet.logs.RunLogger.step, without a tty): epoch, step, img/s, data wait %
+STEP_LINE = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .* ([\d,]+) img/s  data wait +(\d+)%")
 RESULTS_HEADER = ("# Benchmark results\n\nMeasured numbers only. Each entry names its machine, device, versions, "
                   "commit and command.\n")
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from common import describe, environment, interleave, markdown_table, record, write_json
+from common import STEP_LINE, describe, environment, interleave, markdown_table, record, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "Trainer CPU threads (one process)"
@@ -49,7 +49,7 @@ def train_rate(words: list[str], omp: str | None) -> dict:
                        capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"train_ddp.py failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    rates = [float(r.replace(",", "")) for r in re.findall(r"step \d+/\d+ .*?  ([\d,]+) img/s", p.stdout)]
+    rates = [float(m.group(3).replace(",", "")) for m in STEP_LINE.finditer(p.stdout)]
     threads = re.search(r"torch threads (\d+ \([^)]*\))", p.stdout).group(1)
     return {"img_s": median(rates[1:]), "threads": threads}
 

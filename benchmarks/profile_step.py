@@ -29,9 +29,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import environment, write_json
+from fdmobilenet.config import TrainConfig, choices
 from fdmobilenet.distributed import DistInfo, resolve_device
 from fdmobilenet.engine import setup_backends, sync
-from train_throughput import VARIANTS, build_trainer, endless, step_of, synthetic_batches
+from train_throughput import VARIANTS, build_trainer, endless, loader_config, step_of, synthetic_batches, synthetic_dtype
 
 MAX_TRACE_BYTES = 15 << 20   # the GPU host returns files of at most 16 MiB
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--device", default="auto", choices=choices(TrainConfig, "device"))
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--out", required=True, help="folder for the traces")
     ap.add_argument("--json", help="write the tables here")
@@ -118,17 +119,14 @@ def main(argv=None) -> int:
     command_argv = sys.argv if argv is None else [sys.argv[0], *argv]
     result = {"meta": environment(command_argv), "runs": []}
 
-    dtype = torch.float16 if (variant.amp and cuda) else torch.float32
-    synthetic = synthetic_batches(args.batch, args.image_size, dtype, variant.channels_last, info.device)
+    synthetic = synthetic_batches(args.batch, args.image_size, synthetic_dtype(variant, info.device),
+                                  variant.channels_last, info.device)
     result["runs"].append(profiled("ceiling", step, synthetic, args, info, out, {**described, "data": "synthetic"}))
     if args.json:
         write_json(args.json, result)
     if args.data_root:
         import pipelines
-        from fdmobilenet.config import load_experiment
-        data = load_experiment(overrides=[f"data.root={args.data_root}", "data.loader=dali",
-                                          f"data.crop_size={args.image_size}", *args.set]).data
-        data, resolved = pipelines.resolve_loader_defaults(data, info.device)
+        data, resolved = loader_config(args.data_root, "dali", args.image_size, args.set, info.device)
         batches = endless(pipelines.build_loader(data, "train", args.batch, device=info.device))
         source = f"DALI ({', '.join(f'{k}={getattr(data, k)}' for k in resolved) or 'explicit settings'})"
         result["runs"].append(profiled("e2e_dali", step, batches, args, info, out, {**described, "data": source}))

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 
-from common import write_json
-
-STEP_LINE = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ .* ([\d,]+) img/s  data wait +(\d+)%")
+from common import STEP_LINE, write_json
 
 
 def main(argv=None) -> int:

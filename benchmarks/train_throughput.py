@@ -156,6 +156,19 @@ def build_trainer(width: float, variant: Variant, info: DistInfo, backend: str) 
                    scaler=make_grad_scaler(info.device, amp_dtype))
 
 
+def synthetic_dtype(variant: Variant, device: torch.device) -> torch.dtype:
+    """The dtype a loader hands over under AMP on CUDA (float16); fp32 variants take fp32 images."""
+    return torch.float16 if (variant.amp and device.type == "cuda") else torch.float32
+
+
+def loader_config(data_root: str, loader: str, image_size: int, overrides: list[str], device: torch.device):
+    """(data config, the knobs 'auto' resolved) of ``loader`` over the ImageFolder ``data_root``."""
+    import pipelines
+    data = load_experiment(overrides=[f"data.root={data_root}", f"data.loader={loader}",
+                                      f"data.crop_size={image_size}", *overrides]).data
+    return pipelines.resolve_loader_defaults(data, device)
+
+
 def synthetic_batches(batch: int, size: int, dtype: torch.dtype, channels_last: bool,
                       device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Two random device-resident batches in turn (random, not zeros: zeros can run faster than data)."""
@@ -253,8 +266,7 @@ def model_only(args, info: DistInfo, width: float, batch: int, cost: Callable[[V
     trainers, runners, skipped = {}, {}, {}
     for name in args.variants:
         v = VARIANTS[name]
-        # the dtype a loader hands over under AMP on CUDA (float16); fp32 variants take fp32 images
-        dtype = torch.float16 if (v.amp and info.device.type == "cuda") else torch.float32
+        dtype = synthetic_dtype(v, info.device)
         trainers[name] = t = build_trainer(width, v, info, args.compile_backend)
         r = Runner(step_of(t, v), synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device),
                    batch, info)
@@ -312,9 +324,7 @@ def end_to_end(args, info: DistInfo, width: float, batch: int, cost: Cost, flush
     from pipelines.base import image_dtype
 
     def data_config(loader_name: str, overrides: list[str]):
-        data = load_experiment(overrides=[f"data.root={args.data_root}", f"data.loader={loader_name}",
-                                          f"data.crop_size={args.image_size}", *overrides, *args.set]).data
-        return pipelines.resolve_loader_defaults(data, info.device)[0]
+        return loader_config(args.data_root, loader_name, args.image_size, [*overrides, *args.set], info.device)[0]
 
     v = VARIANTS[args.e2e_variant]
     settings = loader_settings(args, info.device)
@@ -420,7 +430,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--window-s", type=float, default=0.5, help="target seconds per window (default 0.5)")
     ap.add_argument("--compile-backend", default="inductor", choices=choices(TrainConfig, "compile_backend"),
                     help="torch.compile backend (default inductor)")
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--device", default="auto", choices=choices(TrainConfig, "device"))
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--ddp", action="store_true", help="under torchrun: DDP across the ranks (model-only)")
     ap.add_argument("--json", help="write the results here (rewritten after every width)")
