@@ -51,6 +51,10 @@ default_nproc() {
   local n; n=$(gpus_per_node)
   if (( n > 0 )); then echo "$n"; else echo 2; fi
 }
+# Workers per node in a SLURM job: NPROC_PER_NODE, else the job's GPUs on this node, else default_nproc.
+slurm_nproc_per_node() {
+  echo "${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(default_nproc)}}"
+}
 
 # Threads: torchrun alone would set OMP_NUM_THREADS=1 for every worker. One core per worker is right on a
 # CPU-only node; on a GPU node each worker gets its share of the cores (the DALI CPU stages and the

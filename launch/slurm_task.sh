@@ -19,7 +19,7 @@ shift 2
 check_node_network "${endpoint%:*}" "$SLURM_NNODES" || exit 2
 case $mode in
   torchrun)
-    NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(default_nproc)}}
+    NPROC_PER_NODE=$(slurm_nproc_per_node)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(omp_threads_for "$NPROC_PER_NODE")}
     echo "$(date +%T) ${SLURMD_NODENAME:-$(hostname)}: torchrun with $NPROC_PER_NODE worker(s)," \
          "OMP_NUM_THREADS=$OMP_NUM_THREADS"
