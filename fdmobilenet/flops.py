@@ -38,18 +38,25 @@ REFERENCE: dict[float, tuple[int, int, int]] = {
 RESOLUTIONS = range(96, 321, TOTAL_STRIDE)
 
 
-def count_macs(model: nn.Module, input_size: int | tuple[int, int]) -> int:
-    """Multiply-adds of one forward pass of one image (batch 1, eval mode, no autograd)."""
+def forward_one_image(model: nn.Module, input_size: int | tuple[int, int]) -> None:
+    """One forward pass of one zero image on the model's device (batch 1, eval mode, no autograd); the
+    model's mode is restored after it."""
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
             model(torch.zeros(1, 3, h, w, device=device))
     finally:
         model.train(was_training)
+
+
+def count_macs(model: nn.Module, input_size: int | tuple[int, int]) -> int:
+    """Multiply-adds of one forward pass of one image (batch 1, eval mode, no autograd)."""
+    with FlopCounterMode(display=False) as counter:
+        forward_one_image(model, input_size)
     return counter.get_total_flops() // 2
 
 
@@ -71,13 +78,9 @@ def activation_elements(model: nn.Module, input_size: int) -> int:
         total += output.numel()
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(count) for m in leaves]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size))
+        forward_one_image(model, input_size)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return total
