@@ -16,7 +16,9 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 mode=$1 endpoint=$2
 shift 2
-check_node_network "${endpoint%:*}" "$SLURM_NNODES" || exit 2
+# srun --kill-on-bad-exit=1 ends the step as soon as a task exits non-zero, and the line still on its way from
+# this node to srun is lost with it (seen under load): give it 2 s to arrive first
+check_node_network "${endpoint%:*}" "$SLURM_NNODES" || { sleep 2; exit 2; }
 case $mode in
   torchrun)
     NPROC_PER_NODE=$(slurm_nproc_per_node)
