@@ -28,8 +28,7 @@ import torch
 import torch.distributed as dist
 
 from fdmobilenet import cli
-
-DEFAULT_PORT = 29500
+from fdmobilenet.slurm_port import slurm_job_port
 # Long on purpose: before the first all-reduce every rank compiles the model on its own (minutes with
 # compile_mode=max-autotune), and a rank that finished early must not time out waiting. A dead peer does not
 # rely on this timeout: the launcher ends the job (torchrun stops the other workers when one exits non-zero;
@@ -72,13 +71,6 @@ def _slurm_master_addr() -> str:
         raise RuntimeError(f"could not expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames' "
                            f"({e}); set MASTER_ADDR yourself") from e
     return out[0]
-
-
-def slurm_job_port() -> int:
-    """The port of this SLURM job's rendezvous / process-group store: 29500 + (job id mod 10000), so two jobs
-    sharing a node do not collide. The one copy of the rule: the sbatch scripts ask for it too
-    (launch/common.sh slurm_job_port)."""
-    return DEFAULT_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
 
 
 def _env_from_slurm() -> None:

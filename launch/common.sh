@@ -32,9 +32,9 @@ preflight() {  # $1 = planned world size(s), comma-separated; then the trainer's
 }
 
 # The port of this SLURM job's rendezvous (29500 + job id mod 10000: two jobs sharing a node do not collide),
-# from the one place that defines it, fdmobilenet.distributed.slurm_job_port.
+# from the one place that defines it, fdmobilenet/slurm_port.py (run as a script: no torch import).
 slurm_job_port() {
-  "$PYTHON" -c 'from fdmobilenet.distributed import slurm_job_port; print(slurm_job_port())'
+  "$PYTHON" "$ROOT/fdmobilenet/slurm_port.py"
 }
 
 # Processes per node: one per visible GPU (CUDA_VISIBLE_DEVICES honoured), else 2 CPU processes on gloo.
