@@ -1,4 +1,6 @@
-"""Turn a training checkpoint into a single-model file ``{'name': ..., 'state_dict': ...}``.
+"""Turn a training checkpoint into a single-model file ``{'name': ..., 'state_dict': ...}``, plus the run's
+``config`` and ``classes`` when it has them (predict and evaluate.py read the evaluation preprocessing and the
+class names from them).
 
 Drops what only training needs (optimizer, epoch, ...) and the ``module.`` (DDP) / ``_orig_mod.``
 (torch.compile) prefixes, checks that the weights load strictly into the model named by ``--model``, and only
@@ -31,7 +33,8 @@ def convert(input_path: str, output_path: str, model_ref: str) -> dict:
     num_classes = classifier.shape[0] if classifier is not None else 1000
     model = FDMobileNet(cfg.width_mult, num_classes=num_classes, dropout=cfg.dropout)
     load_weights(model, state, input_path)
-    out = {"name": cfg.name, "state_dict": model.state_dict()}
+    out = {"name": cfg.name, "state_dict": model.state_dict(),
+           **{key: ckpt[key] for key in ("config", "classes") if ckpt.get(key) is not None}}
     save_checkpoint(out, output_path)
     return out
 

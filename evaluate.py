@@ -11,12 +11,18 @@ Every image of {data.root}/{data.val_split} is counted once, also over several r
 --labels-from-folder-names scores a small folder against all of the model's outputs: the class folders are
 named by output index (val/281/cat.jpg for ImageNet's tabby cat), not renumbered 0..k-1 as ImageFolder does.
 
+--predictions FILE writes every val image's label and top-1 class (model output indices) as CSV, one row
+per image in the listing's order (folder layout): what ``python -m fdmobilenet.predict`` says image by image.
+
 Exit codes: 0 scored; 2 a mistake in the command, its config or its files (one line `evaluate.py: ...`);
 1 anything else (a traceback).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import os
+from pathlib import Path
 
 import torch
 from torchvision.datasets.folder import find_classes
@@ -24,11 +30,12 @@ from torchvision.datasets.folder import find_classes
 import pipelines
 from fdmobilenet import cli
 from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_config, model_state_dict
-from fdmobilenet.config import ExperimentConfig, apply_overrides, from_dict, load_experiment, load_model_ref
-from fdmobilenet.distributed import DistInfo, init_distributed, run_rank
+from fdmobilenet.config import ExperimentConfig, apply_overrides, load_experiment, load_model_ref
+from fdmobilenet.distributed import DistInfo, gather_to_main, init_distributed, run_rank
 from fdmobilenet.engine import evaluate, prepare_model, resolve_amp, set_cpu_threads
 from fdmobilenet.logs import format_metrics
 from fdmobilenet.model import FDMobileNet
+from fdmobilenet.runs import checkpoint_run
 from pipelines.base import DataError, split_dir
 from pipelines.preflight import check_split_folder
 
@@ -47,7 +54,10 @@ def parse_args(argv):
     ap.add_argument("--ema", action="store_true", help="evaluate the EMA weights the trainer saved (optim.ema_decay)")
     ap.add_argument("--batch-size", type=int, default=100, help="per-rank batch (default 100)")
     ap.add_argument("--labels-from-folder-names", action="store_true",
-                    help="class folders are named by the model's output index (e.g. 281/), see above")
+                    help="the val class folders are named by the model's output index (val/281/ for ImageNet's "
+                         "tabby cat): scores a folder of only some of the model's classes")
+    ap.add_argument("--predictions", metavar="CSV",
+                    help="write each val image's label and top-1 output index to CSV (image,label,top1)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
     ap.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     return ap.parse_intermixed_args(argv)
@@ -56,10 +66,11 @@ def parse_args(argv):
 def resolve_config(args, ckpt: dict) -> ExperimentConfig:
     """--config, else the checkpoint's recorded config, else defaults with the checkpoint's width; then
     --data/--model; then overrides."""
+    stored = checkpoint_run(ckpt, args.checkpoint)[0]
     if args.config:
         cfg = load_experiment(args.config)
-    elif isinstance(ckpt.get("config"), dict):
-        cfg = from_dict(ckpt["config"], f"config stored in {args.checkpoint}")
+    elif stored is not None:
+        cfg = stored
     else:
         cfg = ExperimentConfig(model=model_config(ckpt, args.checkpoint)[0])
     if args.data:
@@ -88,6 +99,8 @@ def check_labels(args, cfg: ExperimentConfig, num_classes: int, device: torch.de
         if found != num_classes:
             raise DataError(f"{folder} has {found} class folders but {args.checkpoint} has {num_classes} "
                             f"outputs; {FOLDER_NAMES_HINT}, or pick the --data of the model's data set")
+    if cfg.data.num_classes == "auto":   # the folders were counted above: the model's classes
+        cfg.data.num_classes = num_classes
     if cfg.data.num_classes != num_classes:
         raise DataError(f"{args.checkpoint} has {num_classes} outputs but data.num_classes is "
                         f"{cfg.data.num_classes}; pick the matching --data, or {FOLDER_NAMES_HINT}")
@@ -108,12 +121,44 @@ def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
     _, model = prepare_model(module, cfg.train, info)
     loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank, world_size=info.world_size,
                                     local_rank=info.local_rank, device=info.device, group=info.control_group)
+    top1 = record_top1(model, loader) if args.predictions else None
     info.report_own_errors = True   # from here an error can be one rank's own (an undecodable image)
     m = evaluate(model, loader, info, resolve_amp(cfg.train.amp, info.device), args.print_freq,
                  label_map=label_map)
+    if top1 is not None:
+        write_predictions(args.predictions, loader, gather_to_main(torch.cat(top1).tolist(), info), label_map)
     if info.is_main:
         print(f"{args.checkpoint} on {split_dir(cfg.data, 'val')} ({cfg.data.loader}, "
-              f"{info.world_size} rank(s), {info.device.type}): {format_metrics(m)}", flush=True)
+              f"{info.world_size} rank(s), {info.device.type}): {format_metrics(m)}"
+              + (f"; per image: {args.predictions}" if args.predictions else ""), flush=True)
+
+
+def record_top1(model: torch.nn.Module, loader) -> list[torch.Tensor]:
+    """The list each forward of ``model`` appends its batch's top-1 output indices to (--predictions)."""
+    if loader.split is None or not loader.split.samples:
+        raise cli.UsageError("--predictions names each image: it needs the val split as image files "
+                             "(data.layout=folder, data.loader dali or torchvision)")
+    top1: list[torch.Tensor] = []
+    model.register_forward_hook(lambda module, inputs, output: top1.append(output.argmax(dim=1)))
+    return top1
+
+
+def write_predictions(path: str, loader, per_rank: list | None, label_map) -> None:
+    """Rank 0 writes ``path`` (replaced at once): the val images in the listing's order - the ranks' slices in
+    rank order - with their label and top-1 output index."""
+    if per_rank is None:
+        return
+    top1 = [i for rank in per_rank for i in rank]
+    samples = loader.split.samples
+    assert len(top1) == len(samples), f"{len(top1)} predictions for {len(samples)} images"
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "top1"])
+        for (image, label), predicted in zip(samples, top1):
+            writer.writerow([image, int(label_map[label]) if label_map is not None else label, predicted])
+    os.replace(tmp, out)
 
 
 def main(argv=None) -> None:

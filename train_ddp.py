@@ -30,6 +30,7 @@ import os
 import sys
 import time
 
+import torch
 from torch import nn
 
 import pipelines
@@ -45,6 +46,7 @@ from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
 from fdmobilenet.state import RunState
+from pipelines.preflight import Classes, resolve_classes
 
 PROG = "train_ddp.py"
 
@@ -113,7 +115,7 @@ def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:
     return epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
 
 
-def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None:
+def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes: Classes) -> None:
     train_cfg, optim_cfg = cfg.train, cfg.optim
     seed_everything(train_cfg.seed, info.rank)
     setup_backends(info.device, train_cfg.deterministic)
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
                       amp_dtype=amp_dtype, scaler=make_grad_scaler(info.device, amp_dtype),
                       ema=build_ema(module, optim_cfg.ema_decay))
     step = GraphedStep(trainer).step if graphed else None   # None: Trainer.step, eager
-    state, resumed = RunState(trainer, train_loader, cfg, steps), ckpt is not None
+    state, resumed = RunState(trainer, train_loader, cfg, steps, classes=classes.names), ckpt is not None
     if resumed:
         state.load_state_dict(ckpt, str(saver.path))
     del ckpt
@@ -167,12 +169,15 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
                   + (" (its steps are done: evaluation first)" if state.step == steps else ""))
 
     config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size,
-                                                  "data_auto": data_auto, "cuda_graphs": graphs_why})
+                                                  "data_auto": data_auto, "cuda_graphs": graphs_why,
+                                                  "classes": classes.names})
     val_images = val_loader.num_samples if train_cfg.val_steps <= 0 else min(val_loader.num_samples,
                                                                               train_cfg.val_steps * batch)
     log.print(f"FD-MobileNet {cfg.model.width_mult:g}x  {sum(p.numel() for p in module.parameters()):,} params | "
               f"{info.world_size} rank(s) on {info.device.type}, batch {batch}/rank = {optim_cfg.batch_size} "
-              f"global, lr {scaled_lr(optim_cfg):g} | amp {amp_dtype} | compile {eval_model is not module} | "
+              f"global, lr {scaled_lr(optim_cfg):g} = {optim_cfg.lr:g} x {optim_cfg.batch_size}/"
+              f"{optim_cfg.base_batch_size} | {classes} | amp {amp_name(amp_dtype)} | "
+              f"compile {eval_model is not module} | "
               f"cuda graphs {graphs_why} | torch threads {threads} | "
               f"loader auto: {', '.join(f'{k}={getattr(cfg.data, k)}' for k in data_auto) or '-'} | "
               f"{type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
@@ -206,6 +211,11 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
         log.print(f"curves: {curves}")
 
 
+def amp_name(amp_dtype) -> str:
+    """The header's word for the autocast dtype: bf16, fp16, or off (full fp32)."""
+    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+
+
 def check(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
     """--check: the pre-flight, in this one process (see fdmobilenet/preflight.py)."""
     try:
@@ -221,11 +231,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with cli.exit_on_user_error(PROG):
         cfg = load_config(args)
+        # data.num_classes 'auto': the classes of the split the labels come from (the train split's)
+        cfg.data, classes = resolve_classes(cfg.data, "val" if args.evaluate else "train")
         if args.check:
             return check(args, cfg)
     watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
     info = init_distributed(cfg.train.device)
-    run_rank(lambda: run(args, cfg, info), info, PROG, "training")
+    run_rank(lambda: run(args, cfg, info, classes), info, PROG, "training")
 
 
 if __name__ == "__main__":

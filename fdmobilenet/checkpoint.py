@@ -107,6 +107,9 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     _fsync_dir(dst.parent)
 
 
+BEST_SUFFIX = "_best"   # {label}_best.pth.tar
+
+
 class CheckpointSaver:
     """A run's two files, as timm's CheckpointSaver keeps them: ``{label}.pth.tar``, the latest state, written
     at every save, and ``{label}_best.pth.tar``, a hard link to (or copy of) the file just written when that
@@ -114,7 +117,7 @@ class CheckpointSaver:
 
     def __init__(self, output_dir: str | os.PathLike, label: str):
         self.path = Path(output_dir) / f"{label}.pth.tar"
-        self.best_path = Path(output_dir) / f"{label}_best.pth.tar"
+        self.best_path = Path(output_dir) / f"{label}{BEST_SUFFIX}.pth.tar"
 
     def save(self, obj: dict, best: bool = False) -> None:
         save_checkpoint(obj, self.path)

@@ -61,7 +61,8 @@ class DataConfig:
     layout: Literal["folder", "webdataset"] = "folder"   # ImageFolder JPEG tree | tar shards + index
     train_split: str = "train"
     val_split: str = "val"
-    num_classes: int = 1000
+    # auto: the number of class folders of the train split (ImageNet's tree: 1000), pipelines.preflight
+    num_classes: int | Literal["auto"] = "auto"
     loader: Literal["dali", "torchvision", "synthetic"] = "dali"
     # training augmentation
     train_crop: Literal["random_resized", "random"] = "random_resized"   # Inception-style | resize, random crop

@@ -1,17 +1,21 @@
-"""Top-5 ImageNet predictions of a trained FD-MobileNet for image files.
+"""Top-5 predictions of a trained FD-MobileNet for image files, with the names of its classes.
 
-    python -m fdmobilenet.predict --checkpoint 0.25x-FDMobileNet-224.pth.tar [--model 0.25] cat.jpg [--json]
+    python -m fdmobilenet.predict --checkpoint checkpoints/mine_best.pth.tar [--model 0.25] photo.jpg [--json]
 
 Without --model the width and class count are the checkpoint's (its stored config, else its tensor shapes).
 Images are read as the torchvision loader reads them (turned upright by their EXIF orientation, as DALI
-does) and get the evaluation preprocessing of training (DataConfig's val_resize / val_crop / mean / std):
-RGB, shorter side resized to 256, centre crop 224, ImageNet normalisation. Class names are ImageNet's for a
-1000-class model, else the output index. Exit codes: 0; 2 an unreadable image or checkpoint (one line).
+does) and get the evaluation preprocessing of the run that trained the model: its data config's val_resize /
+val_crop / mean / std, stored in the checkpoint (or in the run's {label}.config.yaml beside it). Files
+without a config (the authors' released weights) get ImageNet's: shorter side 256, centre crop 224, ImageNet
+mean / std. Class names: the run's class folders as stored with it; ImageNet's for a 1000-class model
+without stored names (or trained on ImageNet's tree, whose folders are WordNet ids); else the output index.
+Exit codes: 0; 2 an unreadable image or checkpoint (one line).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -26,11 +30,13 @@ from . import cli
 from .checkpoint import load_checkpoint, load_weights, model_config
 from .config import DataConfig, load_model_ref
 from .model import FDMobileNet
+from .runs import checkpoint_run
 
 PROG = "predict"
 
 SAMPLE_CAT = "skimage.data.chelsea()"
 TOP_K = 5
+WORDNET_ID = re.compile(r"n\d{8}")   # ImageNet's class folders (n01440764, ...), in the class index order
 
 
 class ImageError(ValueError):
@@ -58,21 +64,28 @@ def sample_cat() -> Image.Image:
     return Image.fromarray(data.chelsea()).convert("RGB")
 
 
-def load_model(checkpoint: str, model_ref: Optional[str] = None) -> FDMobileNet:
-    """The checkpoint's model: ``model_ref`` (a width or a model config) or, without it, the checkpoint's."""
+def load_model(checkpoint: str, model_ref: Optional[str] = None) -> tuple[FDMobileNet, DataConfig, list[str]]:
+    """The checkpoint's model - ``model_ref`` (a width or a model config) or, without it, the checkpoint's -
+    the data config of its evaluation preprocessing, and its class names (see the module docstring)."""
     ckpt = load_checkpoint(checkpoint)
     cfg, num_classes = model_config(ckpt, checkpoint)
     if model_ref is not None:
         cfg = load_model_ref(model_ref)
     model = FDMobileNet(cfg.width_mult, num_classes=num_classes)
     load_weights(model, ckpt, checkpoint)
-    return model.eval()
+    run_config, names = checkpoint_run(ckpt, checkpoint)
+    return model.eval(), run_config.data if run_config else DataConfig(), class_names(num_classes, names)
 
 
-def class_names(num_classes: int) -> list[str]:
-    """ImageNet's names for a 1000-class model; the output index otherwise (the class folder names of the
-    data a model was trained on are not stored with it)."""
-    return imagenet_classes() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
+def class_names(num_classes: int, stored: Optional[list[str]] = None) -> list[str]:
+    """ImageNet's names for a 1000-class model without ``stored`` names or with ImageNet's WordNet-id folders;
+    else the run's own names (``stored``, one per output); else the output index."""
+    imagenet = num_classes == 1000 and (stored is None or all(map(WORDNET_ID.fullmatch, stored)))
+    if imagenet:
+        return imagenet_classes()
+    if stored is not None and len(stored) == num_classes:
+        return list(stored)
+    return [f"class {i}" for i in range(num_classes)]
 
 
 def preprocess(images: Sequence[Image.Image], data: DataConfig) -> torch.Tensor:
@@ -85,7 +98,7 @@ def preprocess(images: Sequence[Image.Image], data: DataConfig) -> torch.Tensor:
 def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: Optional[DataConfig] = None,
             k: int = TOP_K) -> list[list[tuple[int, float]]]:
     """(class index, probability) of the ``k`` most likely classes per image; ``data`` gives the eval
-    preprocessing (default: DataConfig's, i.e. ImageNet's)."""
+    preprocessing (default: DataConfig's, i.e. ImageNet's; load_model returns the run's)."""
     probs = model(preprocess(images, data or DataConfig())).softmax(dim=1)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [[(int(i), float(p)) for i, p in zip(idx, prob)] for idx, prob in zip(top.indices, top.values)]
@@ -94,7 +107,8 @@ def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: Optiona
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fdmobilenet.predict",
-        description="Print the top-5 ImageNet classes (index, name, probability) of each image.")
+        description="Print the top-5 classes (index, name, probability) of each image, preprocessed as the "
+                    "run that trained the checkpoint evaluated its images.")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint (.pth.tar)")
     parser.add_argument("--model", help="model config (a name in configs/model/ or a path) or a plain width "
                                         "such as 0.25 (default: the checkpoint's)")
@@ -109,13 +123,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         named = [(path, read_image(path)) for path in args.images]
         if args.sample_cat:
             named.append((SAMPLE_CAT, sample_cat()))
-        model = load_model(args.checkpoint, args.model)
+        model, data, classes = load_model(args.checkpoint, args.model)
     except (ImageError, *cli.USER_ERRORS) as e:
         cli.report(PROG, e)
         return cli.EXIT_USAGE
-    classes = class_names(model.num_classes)
     results = [{"image": name, "top5": [{"index": i, "name": classes[i], "prob": p} for i, p in top]}
-               for (name, _), top in zip(named, predict(model, [img for _, img in named]))]
+               for (name, _), top in zip(named, predict(model, [img for _, img in named], data))]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

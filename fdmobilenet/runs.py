@@ -15,7 +15,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdmobilenet.checkpoint import CheckpointSaver, load_checkpoint
+from fdmobilenet.checkpoint import BEST_SUFFIX, CheckpointSaver, load_checkpoint
 from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, read_yaml
 
 CONFIG_SUFFIX = ".config.yaml"
@@ -111,3 +111,23 @@ def find_runs(*paths: str | Path) -> list[Run]:
         else:
             raise ConfigError(f"{p}: not found (give a run's output folder or its {{label}}{CONFIG_SUFFIX})")
     return runs
+
+
+def checkpoint_run(ckpt: dict, path: str | Path) -> tuple[ExperimentConfig | None, list[str] | None]:
+    """The config and class names (label order) of the run that wrote the checkpoint at ``path``: stored in
+    it (this project's checkpoints), else in the run's {label}.config.yaml beside it; None for what neither
+    holds (the authors' released weights hold no config; older checkpoints no class names)."""
+    config = from_dict(ckpt["config"], f"config stored in {path}") if isinstance(ckpt.get("config"), dict) else None
+    classes = ckpt.get("classes")
+    if config is None or classes is None:
+        path = Path(path)
+        label = path.name.removesuffix(".pth.tar")
+        for name in (label, label.removesuffix(BEST_SUFFIX)):
+            beside = path.with_name(f"{name}{CONFIG_SUFFIX}")
+            if beside.is_file():
+                raw = read_yaml(beside)
+                if isinstance(raw, dict):
+                    config = config or from_dict(raw, str(beside))
+                    classes = classes or (raw.get("run") or {}).get("classes")
+                break
+    return config, classes

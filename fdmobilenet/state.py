@@ -46,6 +46,7 @@ class RunState:
     best_top1: float = 0.0
     best_epoch: int = 0          # counted from 1; 0 = not evaluated yet
     sums: EpochSums = field(default_factory=EpochSums)
+    classes: Optional[list[str]] = None   # the class names in label order (the class folders), for predict
     # left for the first batch of a resumed run (engine.epoch_batches): batches to draw and drop (a loader
     # without reader state replays its epoch), and this rank's generators to restore after them
     skip: int = 0
@@ -77,7 +78,8 @@ class RunState:
             "epoch": self.epoch, "step_in_epoch": self.step, "global_step": t.global_step,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch, "config": to_dict(self.config),
             "rng": [r["rng"] for r in per_rank], "epoch_sums": [r["sums"] for r in per_rank],
-            "loader": [r["loader"] for r in per_rank], "world_size": self.info.world_size}
+            "loader": [r["loader"] for r in per_rank], "world_size": self.info.world_size,
+            "classes": self.classes}
 
     def load_state_dict(self, ckpt: dict, source: str) -> None:
         """Continue from a checkpoint of :meth:`state_dict` (``source`` names it in errors). Checkpoints of

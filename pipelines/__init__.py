@@ -1,4 +1,8 @@
-"""Data loaders behind one batch interface (see pipelines.base.BatchLoader); ``build_loader`` picks one."""
+"""Data loaders behind one batch interface (see pipelines.base.BatchLoader); ``build_loader`` picks one.
+
+The loader modules are imported where they are used, not here: ``python -m pipelines.verify`` (and the other
+tools) import this package first, and a package that had imported the tool's module already would make
+runpy warn that it is found in sys.modules."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +10,6 @@ import torch
 from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, CorruptImageError, DataError, check_split_name
 from pipelines.defaults import resolve_loader_defaults
-from pipelines.preflight import check_split
 
 __all__ = ["build_loader", "resolve_loader_defaults", "BatchLoader", "DataError", "CorruptImageError"]
 
@@ -21,14 +24,17 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
     set to ``auto`` get this rank's values first (pipelines.defaults). The file loaders start from the data
     pre-flight (pipelines.preflight.check_split), which the ranks share over ``group`` (the host-side gloo
     group: every rank builds the same loaders in the same order); without a group each process checks every
-    file itself.
+    file itself. ``data.num_classes: auto`` is the number of classes of ``split`` here
+    (pipelines.preflight.resolve_classes); the trainer resolves it once, from the train split.
     """
     check_split_name(split)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    from pipelines.preflight import check_split, resolve_classes
     data, _ = resolve_loader_defaults(data, device)   # the 'auto' loader knobs, for this rank's GPU and CPUs
+    data, _ = resolve_classes(data, split)
     if data.loader == "synthetic":
         from pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)

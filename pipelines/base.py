@@ -50,6 +50,8 @@ class BatchLoader(abc.ABC):
     this rank's contiguous slice once (:func:`shard_bounds`), its last batch possibly smaller.
     """
 
+    split = None   # the checked split a file loader reads (pipelines.preflight.CheckedSplit); None: synthetic
+
     def __init__(self, split: str, total: int, batch_size: int, rank: int, world_size: int,
                  device: torch.device, where: str):
         """``total``: the split's images; ``where`` names the data in errors."""
@@ -110,8 +112,9 @@ def train_steps(num_samples: int, batch_size: int, num_shards: int, where: str) 
     if batch_size > smallest:
         raise DataError(f"{where}: per-rank batch size {batch_size} is larger than the smallest rank's share "
                         f"of the {num_samples} training images ({num_samples} // {num_shards} ranks = "
-                        f"{smallest}), so a rank would get no full batch; use a smaller optim.batch_size, "
-                        f"fewer ranks, or more data")
+                        f"{smallest}), so a rank would get no full batch; set optim.batch_size (the global "
+                        f"batch) to {smallest * num_shards} or less, or use fewer ranks or more data; the lr "
+                        f"scales with it (optim.lr x optim.batch_size / optim.base_batch_size)")
     return smallest // batch_size
 
 

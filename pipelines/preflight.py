@@ -27,6 +27,7 @@ that DALI's and torch's threads hold, and the child can wait on them forever.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from fdmobilenet.config import DataConfig
 from pipelines import manifest
@@ -139,6 +140,42 @@ def list_shards(data: DataConfig, folder: Path) -> tuple[list[str], list[str], i
             raise DataError(f"{classes_file} lists {n_classes} classes but data.num_classes is "
                             f"{data.num_classes}; set data.num_classes={n_classes}")
     return [str(t) for t in tars], indices, total, members
+
+
+@dataclass
+class Classes:
+    """A run's classes: their names in label order (None where the data names none) and where the count
+    comes from, for the trainer's header ('10 classes (class folders in data/x/train)')."""
+    count: int
+    names: Optional[list[str]]
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.count} classes ({self.source})"
+
+
+def resolve_classes(data: DataConfig, split: str = "train") -> tuple[DataConfig, Classes]:
+    """``data`` with ``num_classes: auto`` replaced by the number of classes of ``split`` (the train split's
+    decide a run's labels): its sorted class folders (folder layout, as ImageFolder labels them), the
+    classes.json that pipelines.pack writes beside the shards, or ImageNet's 1000 for synthetic data. A
+    configured number passes through; the listing checks it against the folders later."""
+    folder = split_dir(data, split)
+    if data.loader == "synthetic":
+        names, where = None, "synthetic data: ImageNet's"
+    elif data.layout == "webdataset":
+        listed = folder / "classes.json"
+        names = json.loads(listed.read_text()) if listed.is_file() else None
+        where = str(listed)
+    else:
+        check_split_folder(folder)
+        names, where = list(find_classes(str(folder))[0]), f"class folders in {folder}"
+    if data.num_classes != "auto":
+        return data, Classes(data.num_classes, names, "data.num_classes")
+    if names is None and data.loader != "synthetic":
+        raise DataError(f"data.num_classes=auto counts the classes in {where}, which does not exist; set "
+                        f"data.num_classes to the number of classes of the shards")
+    count = len(names) if names is not None else 1000
+    return dataclasses.replace(data, num_classes=count), Classes(count, names, where)
 
 
 # ------------------------------------------------------------------------------------------- one file

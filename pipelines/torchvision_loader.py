@@ -80,7 +80,7 @@ class TorchvisionLoader(BatchLoader):
                  device: torch.device):
         super().__init__(split.name, split.total, batch_size, rank, world_size, device,
                          where=f"{split.folder} (torchvision)")
-        self.dtype = image_dtype(data, device)
+        self.dtype, self.split = image_dtype(data, device), split
         dataset = CheckedImageFolder(split, train_transform(data) if self.train else val_transform(data))
         if self.train:
             # drop_last: every rank gets total // world_size indices (the smallest share), as DALI's train

@@ -130,7 +130,7 @@ def test_wrong_type_names_the_key_and_the_value(digits, good_checkpoint, tmp_pat
 def test_per_rank_batch_larger_than_the_shard(digits, tmp_path):
     p = train(digits, tmp_path, "big", "optim.batch_size=2000", "optim.base_batch_size=2000")
     assert_user_error(p, "per-rank batch size 2000 is larger than", "1438 training images",
-                      "use a smaller optim.batch_size")
+                      "set optim.batch_size (the global batch) to 1438 or less")
     assert not (tmp_path / "big.pth.tar").exists()
 
 
