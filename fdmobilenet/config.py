@@ -304,9 +304,10 @@ def resolve_path(ref: str, family: str, base: Path | None = None) -> Path:
 
 
 def load_family(family: str, ref: str | dict, base: Path | None = None, source: str | None = None,
-                _chain: tuple[Path, ...] = ()) -> Any:
+                _chain: tuple[Path, ...] = (), start: Any = None) -> Any:
     """A family from a file reference, or from an inline mapping found in ``source`` (the experiment file).
-    Either may name a ``base`` (a reference resolved like ``ref``, next to it): its values come first."""
+    Either may name a ``base`` (a reference resolved like ``ref``, next to it): its values come first;
+    without one, an inline mapping's values go on top of ``start`` (the section of the experiment's base)."""
     if isinstance(ref, dict):
         where, mapping = f"{source or 'inline'} (inline '{family}' section)", ref
     else:
@@ -314,7 +315,7 @@ def load_family(family: str, ref: str | dict, base: Path | None = None, source: 
         where, mapping = str(path), read_yaml(path, family)
         base, _chain = path.parent, (*_chain, path.resolve())     # its base is resolved beside it
     mapping = dict(_mapping(mapping, where, family))
-    start = None
+    start = start if isinstance(ref, dict) else None
     if "base" in mapping:
         parent = mapping.pop("base")
         key = f"{where}: key '{family}.base'"
@@ -348,30 +349,48 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
     """Compose an experiment: an optional experiment file, then family files given one by one (the authors'
     ``--data --model --optim --sched`` flags; ``model`` may be a bare width, as load_model_ref), then
     ``section.key=value`` overrides."""
-    exp = ExperimentConfig()
-    if path is not None:
-        p = resolve_path(path, "experiments")
-        raw = read_yaml(p, "experiments")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: an experiment file must be a mapping with sections "
-                              f"{', '.join(FAMILIES)}")
-        if "run" in raw:   # a run's own {label}.config.yaml (the resolved config + its run: metadata)
-            exp = from_dict(raw, str(p))
-        else:
-            for section, ref in raw.items():
-                if section not in FAMILIES:
-                    raise ConfigError(f"{p}: unknown section '{section}'{_did_you_mean(section, FAMILIES)}; "
-                                      f"valid: {', '.join(FAMILIES)}")
-                if section == "train":
-                    exp.train = build(TrainConfig, ref, str(p), "train")
-                elif isinstance(ref, (str, dict)):
-                    setattr(exp, section, load_family(section, ref, p.parent, str(p)))
-                else:
-                    raise ConfigError(f"{p}: section '{section}' must be a file name or a mapping, got {ref!r}")
+    exp = ExperimentConfig() if path is None else _experiment_file(path)
     for section, ref in (("data", data), ("model", model), ("optim", optim), ("sched", sched)):
         if ref is not None:
             setattr(exp, section, load_model_ref(ref) if section == "model" else load_family(section, ref))
     apply_overrides(exp, overrides)
+    return exp
+
+
+def _experiment_file(ref: str, beside: Path | None = None, _chain: tuple[Path, ...] = ()) -> ExperimentConfig:
+    """An experiment file (a path, or a name in configs/experiments/). It may name another as ``base:`` (resolved
+    beside it): that experiment comes first, a section given as a name or path replaces the base's, an inline
+    mapping goes on top of it."""
+    p = resolve_path(ref, "experiments", beside)
+    raw = read_yaml(p, "experiments")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: an experiment file must be a mapping with sections {', '.join(FAMILIES)}")
+    if "run" in raw:   # a run's own {label}.config.yaml (the resolved config + its run: metadata)
+        return from_dict(raw, str(p))
+    exp, chain = ExperimentConfig(), (*_chain, p.resolve())
+    if "base" in raw:
+        parent, key = raw["base"], f"{p}: key 'base'"
+        if not isinstance(parent, str):
+            raise ConfigError(f"{key}: expected the name or path of an experiment file, got {parent!r}")
+        parent_path = resolve_path(parent, "experiments", p.parent)
+        if not parent_path.is_file():
+            raise ConfigError(f"{key}: {_not_found(parent_path, 'experiments')}")
+        if parent_path.resolve() in chain:
+            loop = " -> ".join(str(c) for c in (*chain, parent_path.resolve()))
+            raise ConfigError(f"{key}: the base chain loops ({loop}); a file cannot be its own base")
+        exp = _experiment_file(str(parent_path), None, chain)
+    for section, ref in raw.items():
+        if section == "base":
+            continue
+        if section not in FAMILIES:
+            raise ConfigError(f"{p}: unknown section '{section}'{_did_you_mean(section, [*FAMILIES, 'base'])}; "
+                              f"valid: base, {', '.join(FAMILIES)}")
+        if section == "train":
+            exp.train = build(TrainConfig, ref, str(p), "train", exp.train)
+        elif isinstance(ref, (str, dict)):
+            setattr(exp, section, load_family(section, ref, p.parent, str(p), start=getattr(exp, section)))
+        else:
+            raise ConfigError(f"{p}: section '{section}' must be a file name or a mapping, got {ref!r}")
     return exp
 
 

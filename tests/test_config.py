@@ -80,7 +80,7 @@ def test_every_shipped_file_loads(path):
 # Every value that makes a shipped file what its name says, from the paper (Qin et al. 2018) and the authors'
 # configs: a changed value, or two files swapped, fails below. Absolute values, not the dataclass defaults
 # (a changed default must fail here too).
-IMAGENET = dict(root="data/imagenet", layout="folder", num_classes=1000, loader="dali", crop_size=224,
+IMAGENET = dict(root="data/imagenet", layout="folder", num_classes="auto", loader="dali", crop_size=224,
                 ratio=(0.75, 4 / 3), hflip=True, val_resize=256, val_crop=224, mean=(0.485, 0.456, 0.406),
                 std=(0.229, 0.224, 0.225))
 AUTO_LOADER = dict(num_threads="auto", prefetch_queue_depth="auto", hw_decoder_load="auto")  # pipelines.defaults
@@ -157,6 +157,24 @@ def test_paper_experiments_compose_the_paper_recipe(width):
     assert exp.sched == load_family("sched", "StepLR-30-0.1")
     assert (exp.train.label, exp.train.output_dir, exp.train.print_freq) == (f"{width}-FDMobileNet-224",
                                                                            "checkpoints", 100)
+
+
+def test_the_papers_experiments_have_imagenets_1000_classes_on_its_tree(tmp_path):
+    """data.num_classes auto counts the train split's class folders: ImageNet's tree (1,000 WordNet-id
+    folders) gives the paper's 1000, through an experiment file and through the authors' four flags alike, and
+    the header says where the number came from."""
+    from pipelines.preflight import resolve_classes
+    for k in range(1000):
+        (tmp_path / "train" / f"n{k:08d}").mkdir(parents=True)
+    for width in ("1x", "0.5x", "0.25x"):
+        for exp in (load_experiment(f"{width}-FDMobileNet-224", overrides=[f"data.root={tmp_path}"]),
+                    load_experiment(data="imagenet-aggressive", model=f"{width}-FDMobileNet-224",
+                                    optim="SGD-120-nesterov", sched="StepLR-30-0.1",
+                                    overrides=[f"data.root={tmp_path}"])):
+            data, classes = resolve_classes(exp.data)
+            assert data == dataclasses.replace(exp.data, num_classes=1000)
+            assert str(classes) == f"1000 classes (class folders in {tmp_path / 'train'})"
+            assert classes.names == [f"n{k:08d}" for k in range(1000)]
 
 
 def test_demo_experiment():
@@ -249,6 +267,34 @@ def test_experiment_errors(tmp_path):
     inline = write(tmp_path / "inline.yaml", "train: {labl: x}\n")
     with pytest.raises(ConfigError, match=f"{inline}: unknown key 'train.labl' \\(did you mean 'label'\\?\\)"):
         load_experiment(str(inline))
+
+
+def test_an_experiment_may_extend_a_shipped_one_named_as_its_base(tmp_path):
+    """base: a shipped experiment (or a path beside the file): a section given by name replaces the base's, an
+    inline mapping changes only the keys it names, the overrides still come last."""
+    mine = write(tmp_path / "mine.yaml", "base: 0.25x-FDMobileNet-224\nsched: Cosine\n"
+                                         "optim: {batch_size: 32, epochs: 30}\ntrain: {label: mine}\n")
+    exp, paper = load_experiment(str(mine), overrides=["optim.lr=0.2"]), load_experiment("0.25x-FDMobileNet-224")
+    assert (exp.data, exp.model) == (paper.data, paper.model)
+    assert exp.optim == dataclasses.replace(paper.optim, batch_size=32, epochs=30, lr=0.2)
+    assert exp.sched == load_family("sched", "Cosine")
+    assert exp.train == dataclasses.replace(paper.train, label="mine")
+    write(tmp_path / "leaf.yaml", "base: mine.yaml\ndata: {crop_size: 160}\n")    # relative to leaf.yaml
+    leaf = load_experiment(str(tmp_path / "leaf.yaml"))
+    assert (leaf.data.crop_size, leaf.data.val_crop, leaf.optim.batch_size, leaf.model) == (160, 224, 32, paper.model)
+
+
+def test_an_experiments_base_errors_name_the_file(tmp_path):
+    typo = write(tmp_path / "typo.yaml", "base: 0.25x-FDMobileNet-22\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(str(typo))
+    assert str(e.value).startswith(f"{typo}: key 'base': config file not found: 0.25x-FDMobileNet-22 (")
+    assert "nearest names: 0.25x-FDMobileNet-224" in str(e.value)
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: key 'base': the base chain loops \(.*a.yaml -> .*b.yaml -> "
+                                          r".*a.yaml\); a file cannot be its own base"):
+        load_experiment(str(tmp_path / "a.yaml"))
 
 
 def test_overrides():
