@@ -6,15 +6,22 @@
 
 (from the repository root). One row per run (read by fdmobilenet.runs from {label}.config.yaml, .jsonl and
 .pth.tar, finished or still running): width; MFLOPs (multiply-adds, the paper's "FLOPs") and parameters
-counted by fdmobilenet.flops for the run's model (its num_classes) at its val crop; the paper's top-1; the
-run's final and best val top-1 / top-5, final top-1 minus the paper's; epochs completed of planned and the
-run's status; median epoch img/s; device-hours (ranks x summed training epoch time: GPU-hours for GPU runs,
-process-hours for CPU runs); devices; commit. A width of the paper without a run gets a "no run" row.
+counted by fdmobilenet.flops for the run's model (its num_classes) at its val crop; the run's data (its data
+config's name and class count); the paper's top-1; the run's final and best val top-1 / top-5, final top-1
+minus the paper's (for runs on 1000-class data only: the paper's number is ImageNet's, and a difference to a
+run on other data would compare nothing); epochs completed of planned and the run's status; median epoch
+img/s; device-hours (ranks x summed training epoch time: GPU-hours for GPU runs, process-hours for CPU runs);
+devices; commit. A width of the paper without a run gets a "no run" row.
 
---released FILE: weights released by the authors, scored by evaluate.py (one process) on the runs' val split
-(the first run's data.root, val_split, layout and loader) with imagenet-aggressive's evaluation preprocessing
-(the one the weights were trained with), or on DIR/val with --val-root DIR; one extra row each.
---labels-from-folder-names goes to evaluate.py (class folders named by the model's output index).
+--released FILE: weights released by the authors, scored by evaluate.py (one process) with
+imagenet-aggressive's evaluation preprocessing (the one the weights were trained with) on DIR/val with
+--val-root DIR, else on the val split of the first run given (its data.root, val_split, layout and loader);
+the choice is printed, with why, and each file gets one extra row. --labels-from-folder-names goes to
+evaluate.py (class folders named by the model's output index): a folder of only some of ImageNet's classes,
+so such a row gets no difference to the paper's top-1 either.
+
+Exit codes: 0 printed; 2 a mistake (a run folder or file that is missing or damaged, --released without a val
+split: one line); 1 anything else (a traceback).
 """
 from __future__ import annotations
 
@@ -28,32 +35,36 @@ from pathlib import Path
 
 import torch
 
-from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, model_config
+from fdmobilenet import cli
+from fdmobilenet.checkpoint import load_checkpoint, model_config
 from fdmobilenet.config import ConfigError, load_experiment
 from fdmobilenet.flops import count_macs, count_params
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.runs import Run, find_runs
 
 REPO = Path(__file__).resolve().parents[1]
+PROG = "accuracy_table"
 # FD-MobileNet (Qin et al., ICIP 2018): ImageNet val top-1 (%) at 224 px, per width.
 PAPER_TOP1 = {1.0: 65.3, 0.5: 56.3, 0.25: 45.1}
+IMAGENET_CLASSES = 1000   # a run on data of another class count gets no difference to the paper's top-1
 RELEASED_DATA = "imagenet-aggressive"
 # evaluate.py's result line (fdmobilenet.logs.format_metrics)
 SCORE = re.compile(r"top-1 ([\d.]+)%\s+top-5 ([\d.]+)%\s+loss \S+\s+\((\d+) images\)")
 
 # (CSV name, markdown header, markdown format)
 COLUMNS = [("width", "width", "{:g}x"), ("px", "px", "{}"), ("mflops", "MFLOPs", "{:.1f}"),
-           ("params", "params", "{:,}"), ("paper_top1", "paper top-1", "{:.1f}"),
+           ("params", "params", "{:,}"), ("data", "data", "{}"), ("paper_top1", "paper top-1", "{:.1f}"),
            ("top1_final", "top-1 final", "{:.2f}"), ("top5_final", "top-5 final", "{:.2f}"),
            ("top1_best", "top-1 best", "{:.2f}"), ("top5_best", "top-5 best", "{:.2f}"),
            ("top1_diff", "Δ top-1", "{:+.2f}"), ("epochs_done", "epochs", "{}"), ("epochs_planned", None, "{}"),
            ("status", "status", "{}"), ("img_s", "img/s", "{:,.0f}"), ("device_hours", "device-h", "{:.3g}"),
            ("devices", "devices", "{}"), ("commit", "commit", "{}"), ("run", "run", "{}")]
 NOTES = ("MFLOPs: multiply-adds per image (the paper's FLOPs), counted by fdmobilenet.flops for each run's model "
-         "at its val crop (px). Δ top-1: final top-1 minus the paper's. img/s: median training img/s per epoch "
-         "(the first epoch left out when there are more). device-h: ranks × training time of the logged epochs, "
-         "evaluation not included (GPU-hours on GPUs; on a CPU the ranks are processes). Paper: FD-MobileNet, "
-         "Qin et al., ICIP 2018, ImageNet val top-1 at 224 px.")
+         "at its val crop (px). Δ top-1: final top-1 minus the paper's, for runs on 1000-class data (ImageNet) "
+         "only: the paper's top-1 is ImageNet's, so a run on other data (see data) gets none. img/s: median "
+         "training img/s per epoch (the first epoch left out when there are more). device-h: ranks × training "
+         "time of the logged epochs, evaluation not included (GPU-hours on GPUs; on a CPU the ranks are "
+         "processes). Paper: FD-MobileNet, Qin et al., ICIP 2018, ImageNet val top-1 at 224 px.")
 
 
 def model_cost(width: float, num_classes: int, px: int) -> tuple[float, int]:
@@ -69,32 +80,34 @@ def run_row(run: Run) -> dict:
     width, px = cfg.model.width_mult, cfg.data.val_crop
     mflops, params = model_cost(width, cfg.data.num_classes, px)
     paper, final = PAPER_TOP1.get(width), run.final("val_top1")
+    comparable = paper is not None and final is not None and cfg.data.num_classes == IMAGENET_CLASSES
     status = "done" if run.finished else "in progress"
     if not run.finished and run.step_in_epoch:
         status += f" (epoch {run.epochs_done + 1} at step {run.step_in_epoch})"
     commit = str(meta.get("git_commit", "unknown"))[:12] + ("+dirty" if meta.get("git_dirty") else "")
-    return {"width": width, "px": px, "mflops": mflops, "params": params, "paper_top1": paper,
+    return {"width": width, "px": px, "mflops": mflops, "params": params,
+            "data": f"{cfg.data.name}, {cfg.data.num_classes} classes", "paper_top1": paper,
             "top1_final": final, "top5_final": run.final("val_top5"), "top1_best": run.best("val_top1"),
-            "top5_best": run.best("val_top5"),
-            "top1_diff": final - paper if final is not None and paper is not None else None,
+            "top5_best": run.best("val_top5"), "top1_diff": final - paper if comparable else None,
             "epochs_done": run.epochs_done, "epochs_planned": run.epochs_planned, "status": status,
             "img_s": run.median_img_s(), "device_hours": run.device_hours(),
             "devices": f"{meta.get('world_size', '?')} x {meta.get('device', '?')}", "commit": commit,
             "run": str(run.dir / run.label)}
 
 
-def val_split_of(runs: list[Run], val_root: Path | None) -> dict[str, str]:
-    """data.* overrides that point evaluate.py at the val split the released weights are scored on."""
-    data = {}
-    if runs:
-        d = runs[0].config.data
-        data = {"root": d.root, "val_split": d.val_split, "layout": d.layout, "loader": d.loader}
+def val_split_of(runs: list[Run], val_root: Path | None) -> tuple[dict[str, str], str]:
+    """data.* overrides that point evaluate.py at the val split the released weights are scored on, and why
+    that one."""
     if val_root is not None:
-        data.update(root=str(val_root), val_split="val", layout="folder")
-    return data
+        return {"root": str(val_root), "val_split": "val", "layout": "folder"}, "--val-root"
+    if not runs:
+        raise ConfigError("--released needs a val split: give a run (its data.root) or --val-root DIR")
+    d = runs[0].config.data
+    return ({"root": d.root, "val_split": d.val_split, "layout": d.layout, "loader": d.loader},
+            f"the val split of run {runs[0].dir / runs[0].label}, the first run given; --val-root DIR for another")
 
 
-def released_row(path: Path, data: dict[str, str], labels_from_folder_names: bool) -> dict:
+def released_row(path: Path, data: dict[str, str], why: str, labels_from_folder_names: bool) -> dict:
     """The released weights scored by evaluate.py; a failure is shown in the row's status."""
     model, num_classes = model_config(load_checkpoint(path), str(path))
     width = model.width_mult
@@ -103,21 +116,24 @@ def released_row(path: Path, data: dict[str, str], labels_from_folder_names: boo
     cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(path), "--data", RELEASED_DATA,
            "--model", f"{width:g}", *(f"data.{k}={v}" for k, v in data.items()),
            *(["--labels-from-folder-names"] if labels_from_folder_names else [])]
-    print(f"scoring {path} with evaluate.py on {data['root']}/{data['val_split']} ...", file=sys.stderr, flush=True)
+    val = f"{data['root']}/{data['val_split']}"
+    print(f"{PROG}: scoring {path} with evaluate.py on {val} ({why}) ...", file=sys.stderr, flush=True)
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     m = SCORE.search(p.stdout) if p.returncode == 0 else None
     top1, top5 = (float(m.group(1)), float(m.group(2))) if m else (None, None)
     if m:
-        status = f"released weights, evaluate.py on {data['root']}/{data['val_split']} ({m.group(3)} images)"
+        status = f"released weights, evaluate.py on {val} ({m.group(3)} images)"
     else:
         lines = [line for line in (p.stderr + p.stdout).splitlines() if line.strip()]
-        status = (f"not scored on {data['root']}/{data['val_split']}: evaluate.py exit {p.returncode}: "
-                  f"{lines[-1] if lines else 'no output'}")
+        status = f"not scored on {val}: evaluate.py exit {p.returncode}: {lines[-1] if lines else 'no output'}"
     paper = PAPER_TOP1.get(width)
-    return {"width": width, "px": px, "mflops": mflops, "params": params, "paper_top1": paper,
-            "top1_final": top1, "top5_final": top5,
-            "top1_diff": top1 - paper if top1 is not None and paper is not None else None,
-            "status": status, "run": str(path)}
+    # without --labels-from-folder-names evaluate.py scores only a folder of all of the model's classes
+    comparable = top1 is not None and paper is not None and num_classes == IMAGENET_CLASSES \
+        and not labels_from_folder_names
+    return {"width": width, "px": px, "mflops": mflops, "params": params,
+            "data": f"{val}" + (", some of ImageNet's classes" if labels_from_folder_names else ""),
+            "paper_top1": paper, "top1_final": top1, "top5_final": top5,
+            "top1_diff": top1 - paper if comparable else None, "status": status, "run": str(path)}
 
 
 def missing_rows(rows: list[dict]) -> list[dict]:
@@ -161,10 +177,8 @@ def table(run_paths: list[str], released: list[Path], val_root: Path | None,
     rows = sorted((run_row(r) for r in runs), key=lambda r: (-r["width"], r["run"]))
     rows = sorted(rows + missing_rows(rows), key=lambda r: -r["width"])
     if released:
-        data = val_split_of(runs, val_root)
-        if not data:
-            raise ConfigError("--released needs a val split: give a run (its data.root) or --val-root DIR")
-        rows += [released_row(p, data, labels_from_folder_names) for p in released]
+        data, why = val_split_of(runs, val_root)
+        rows += [released_row(p, data, why, labels_from_folder_names) for p in released]
     return rows
 
 
@@ -183,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give at least one RUN_DIR (or --released with --val-root)")
     try:
         rows = table(args.runs, args.released, args.val_root, args.labels_from_folder_names)
-    except (ConfigError, CheckpointError) as e:
-        print(f"accuracy_table: error: {e}", file=sys.stderr)
-        return 1
+    except cli.USER_ERRORS as e:
+        cli.report(PROG, e)
+        return cli.EXIT_USAGE
     if args.format in ("both", "markdown"):
         print(markdown(rows))
     if args.format in ("both", "csv"):

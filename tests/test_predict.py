@@ -93,8 +93,8 @@ def digits_model(tmp_path_factory):
     std) is not ImageNet's."""
     digits = build_digits(tmp_path_factory.mktemp("digits"))
     out = tmp_path_factory.mktemp("run")
-    p = subprocess.run([sys.executable, str(REPO / "train_ddp.py"),
-                        *run_words(digits, out, "digits", "optim.epochs=3", "optim.warmup_epochs=0.5", steps=40, batch=32)],
+    words = run_words(digits, out, "digits", "optim.epochs=3", "optim.warmup_epochs=0.5", steps=40, batch=32)
+    p = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), *words],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return digits, out / "digits_best.pth.tar"
