@@ -104,9 +104,9 @@ def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]
                 resume=args.resume, fresh=args.fresh and not restarts(), evaluate=args.evaluate)
 
 
-def build_loader(cfg: ExperimentConfig, split: str, batch: int, info: DistInfo):
-    return pipelines.build_loader(cfg.data, split, batch, rank=info.rank, world_size=info.world_size,
-                                  local_rank=info.local_rank, device=info.device, group=info.control_group)
+def build_loaders(cfg: ExperimentConfig, splits: tuple[str, ...], batch: int, info: DistInfo):
+    return pipelines.build_loaders(cfg.data, splits, batch, rank=info.rank, world_size=info.world_size,
+                                   local_rank=info.local_rank, device=info.device, group=info.control_group)
 
 
 def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:
@@ -133,7 +133,10 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
 
     # Data. The loader (DALI GPU / DALI CPU / torchvision / synthetic) comes from data.loader alone; all of
     # them hand over channels_last images on this rank's device, so nothing below depends on which it is.
-    val_loader = build_loader(cfg, "val", batch, info)
+    # Both splits are checked before either error is reported: damaged files of both in one line.
+    splits = ("val",) if args.evaluate else ("val", "train")
+    loaders = dict(zip(splits, build_loaders(cfg, splits, batch, info)))
+    val_loader = loaders["val"]
 
     # Model and the speed switches (channels_last, torch.compile, then DDP: see engine.prepare_model).
     module = FDMobileNet(cfg.model.width_mult, num_classes=cfg.data.num_classes, dropout=cfg.model.dropout)
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
         return
 
     graphed, graphs_why = use_cuda_graphs(cfg, info, amp_dtype)   # an 'on' that cannot work: a user error
-    train_loader = build_loader(cfg, "train", batch, info)
+    train_loader = loaders["train"]
     steps = len(train_loader) if train_cfg.steps_per_epoch <= 0 else min(len(train_loader),
                                                                           train_cfg.steps_per_epoch)
     optimizer = build_optimizer(module, optim_cfg, info.device)

@@ -30,7 +30,7 @@ from fdmobilenet.config import ExperimentConfig, from_dict
 from fdmobilenet.cuda_graph import use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.model import FDMobileNet
-from pipelines.preflight import check_split
+from pipelines.preflight import check_split, each_split
 
 
 @dataclass
@@ -120,10 +120,10 @@ def check_data(plan: Plan) -> str:
     data = plan.config.data
     if data.loader == "synthetic":
         return "data: synthetic batches (nothing to read)"
-    splits = [(split, check_split(data, split, scan=False))
-              for split in (("val",) if plan.evaluate else ("train", "val"))]
+    splits = ("val",) if plan.evaluate else ("train", "val")
+    checked = each_split(splits, lambda split: check_split(data, split, scan=False))
     return (f"data: {data.root} ({data.layout}, {data.num_classes} classes, loader {data.loader}): "
-            + "; ".join(f"{split} {checked.total:,} images, {checked.how}" for split, checked in splits))
+            + "; ".join(f"{c.name} {c.total:,} images, {c.how}" for c in checked))
 
 
 def check_checkpoint(plan: Plan) -> str:

@@ -11,7 +11,8 @@ from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, CorruptImageError, DataError, check_split_name
 from pipelines.defaults import resolve_loader_defaults
 
-__all__ = ["build_loader", "resolve_loader_defaults", "BatchLoader", "DataError", "CorruptImageError"]
+__all__ = ["build_loader", "build_loaders", "resolve_loader_defaults", "BatchLoader", "DataError",
+           "CorruptImageError"]
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -50,3 +51,9 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
                           device=device)
     from pipelines.torchvision_loader import TorchvisionLoader
     return TorchvisionLoader(data, checked, batch_size, rank=rank, world_size=world_size, device=device)
+
+
+def build_loaders(data: DataConfig, splits: tuple[str, ...], batch_size: int, **kwargs) -> list[BatchLoader]:
+    """:func:`build_loader` for each of ``splits``, the damaged files of all of them in one error."""
+    from pipelines.preflight import each_split
+    return each_split(splits, lambda split: build_loader(data, split, batch_size, **kwargs))

@@ -20,7 +20,7 @@ Both file loaders (DALI, torchvision) start from :func:`check_split`, and so doe
      (pipelines.verify.check_image), as it must to drop every undecodable one.
 
 3. **Verdicts**: ``on_corrupt=error`` refuses the damaged files in one CorruptImageError that names them;
-   ``skip`` drops them with a warning that lists them.
+   ``skip`` drops them, and rank 0 lists them in one line.
 
 Everything parallel here runs in threads: this runs inside the training process, where a fork copies locks
 that DALI's and torch's threads hold, and the child can wait on them forever.
@@ -33,10 +33,9 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
@@ -46,6 +45,7 @@ from pipelines.base import CorruptImageError, DataError, shard_bounds, split_dir
 from pipelines.imagefolder import list_samples
 from pipelines.verify import CHECK_VERSION, JPEG_EOI, JPEG_SOI, check_image, map_files
 
+T = TypeVar("T")
 Member = tuple[str, str, int, "int | None"]   # (name for messages, file, byte offset, size or None = whole file)
 TAIL_BYTES = 64          # room for the zero padding some writers put after the end-of-image marker
 HEADER_BYTES = 1 << 16   # JPEG headers (tables, frame, EXIF) nearly always fit; longer ones are read whole
@@ -323,20 +323,46 @@ def _manifest(folder: Path, samples: list[tuple[str, int]], rank: int, world_siz
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
+class DamagedFiles(CorruptImageError):
+    """The damaged files the pre-flight found in one or more splits (``found``) and what to do (``fix``)."""
+
+    def __init__(self, found: str, fix: str):
+        super().__init__(f"{found}; {fix}")
+        self.found, self.fix = found, fix
+
+
 def _refuse(bad: list[tuple[str, str]], where: Path, fix: str) -> None:
     if bad:
         kinds = {kind: [name for name, k in bad if k == kind] for kind in DAMAGE}
-        raise CorruptImageError("; ".join(f"{len(names)} {DAMAGE[kind]} in {where}: {', '.join(names[:10])}"
-                                          f"{' ...' if len(names) > 10 else ''}" for kind, names in kinds.items()
-                                          if names) + f"; {fix}")
+        raise DamagedFiles("; ".join(f"{len(names)} {DAMAGE[kind]} in {where}: {', '.join(names[:10])}"
+                                     f"{' ...' if len(names) > 10 else ''}" for kind, names in kinds.items()
+                                     if names), fix)
 
 
-def _drop(samples: list[tuple[str, int]], bad: list[tuple[str, str]], folder: Path) -> list[tuple[str, int]]:
+def each_split(splits: Sequence[str], check: Callable[[str], T]) -> list[T]:
+    """``[check(split) for split in splits]``, with the damaged files of every split reported together in one
+    DamagedFiles (a start reports the train split's along with the val split's, not on the next start).
+    Every rank gets the same verdicts (the scan combines them), so every rank runs every check."""
+    done, damaged = [], []
+    for split in splits:
+        try:
+            done.append(check(split))
+        except DamagedFiles as e:
+            damaged.append(e)
+    if damaged:
+        fixes = dict.fromkeys(part for e in damaged for part in e.fix.split("; "))   # each advice once, in order
+        raise DamagedFiles("; ".join(e.found for e in damaged), "; ".join(fixes))
+    return done
+
+
+def _drop(samples: list[tuple[str, int]], bad: list[tuple[str, str]], folder: Path,
+          rank: int) -> list[tuple[str, int]]:
+    """``samples`` without the ``bad`` files; rank 0 says which, in one line (every rank drops the same)."""
     dropped = {name for name, _ in bad}
-    if dropped:
+    if dropped and rank == 0:
         names = sorted(dropped)
-        warnings.warn(f"data.on_corrupt=skip: dropped {len(names)} unreadable file(s) from {folder}: "
-                      f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}", stacklevel=3)
+        print(f"pipelines.preflight: data.on_corrupt=skip: dropped {len(names)} unreadable file(s) from {folder}: "
+              f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}", file=sys.stderr, flush=True)
     return [s for s in samples if s[0] not in dropped]
 
 
@@ -386,7 +412,7 @@ def check_split(data: DataConfig, split: str, *, rank: int = 0, world_size: int 
     else:
         bad, checked.how = [], f"{why}: the ranks check the files at start, each its share"
     if skip:
-        checked.samples = _drop(samples, bad, folder)
+        checked.samples = _drop(samples, bad, folder, rank)
         check_classes(folder, classes, [label for _, label in checked.samples], data.num_classes)
     else:
         _refuse(bad, folder, fix)

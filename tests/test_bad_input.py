@@ -107,6 +107,26 @@ def test_corrupt_jpeg_is_named(digits, good_checkpoint, tmp_path, damage):
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
+def test_damaged_files_of_both_splits_in_one_start(digits, tmp_path):
+    """A truncated train JPEG and a val JPEG with garbled headers: one start names both (at fa77a31 the val one
+    alone, the train one only at the next start), in the trainer's scan and in the launcher's pre-flight,
+    which reads the manifests' verdicts."""
+    from pipelines.verify import main as verify_main
+    root = tmp_path / "data"
+    shutil.copytree(digits, root)
+    train_victim, val_victim = (sorted((root / split / "7").iterdir())[0] for split in ("train", "val"))
+    train_victim.write_bytes(train_victim.read_bytes()[:300])
+    data = val_victim.read_bytes()
+    val_victim.write_bytes(data[:2] + bytes(200) + data[202:])
+    line = assert_user_error(train(root, tmp_path, "run"), str(train_victim), str(val_victim))
+    assert line.count("replace or delete them") == 1        # the advice once, each split's verify command
+    assert all(f"`python -m pipelines.verify {root / split}`" in line for split in ("val", "train"))
+    assert verify_main([str(root), "--manifest"]) == 1
+    p = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), "--check", *run_words(root, tmp_path, "run")],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert_user_error(p, str(train_victim), str(val_victim))
+
+
 # ----------------------------------------------------------------------------------------------- config
 def test_unknown_config_key_names_the_file_and_the_key(digits, good_checkpoint, tmp_path):
     data_cfg = tmp_path / "my-data.yaml"

@@ -317,10 +317,11 @@ def test_start_up_check_reads_headers_and_end_marker_and_confirms(photo_root, tm
     assert file_damage(str(blob), 100 + len(data), len(data) - 300) == "truncated"
 
 
-def test_on_corrupt_skip_drops_the_file_up_front(truncated_root):
+def test_on_corrupt_skip_drops_the_file_up_front(truncated_root, capsys):
     root, victim = truncated_root
-    with pytest.warns(UserWarning, match=victim.name):
-        loader = build_loader(small(root, 3, on_corrupt="skip", val_split="train"), "val", 4, device=CPU)
+    loader = build_loader(small(root, 3, on_corrupt="skip", val_split="train"), "val", 4, device=CPU)
+    assert capsys.readouterr().err == (f"pipelines.preflight: data.on_corrupt=skip: dropped 1 unreadable file(s) "
+                                       f"from {root / 'train'}: {victim}\n")    # one line, no Python warning
     assert loader.num_samples == 10
     assert sum(len(labels) for _, labels in loader) == 10
 

@@ -146,8 +146,9 @@ def test_by_default_each_width_runs_the_papers_recipe():
     for name, width in WIDTHS.items():
         cfg = load_experiment(str(REPO / f"configs/experiments/{name}-FDMobileNet-224.yaml"))
         d, o, s = cfg.data, cfg.optim, cfg.sched
+        # num_classes auto: ImageNet's 1000 class folders (tests/test_config.py, on ImageNet's tree)
         assert cfg.model.width_mult == width and (d.name, d.num_classes, d.train_crop) == \
-            ("imagenet-aggressive", 1000, "random_resized")
+            ("imagenet-aggressive", "auto", "random_resized")
         assert (d.crop_size, d.scale, d.hflip, d.val_resize, d.val_crop) == (224, (0.36, 1.0), True, 256, 224)
         assert (o.lr, o.momentum, o.weight_decay, o.nesterov, o.batch_size, o.base_batch_size, o.epochs) == \
             (0.1, 0.9, 4e-5, True, 256, 256, 120)
