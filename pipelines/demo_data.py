@@ -13,12 +13,14 @@ with a stratified, seeded split. Class folders are "0".."9" so ImageFolder's sor
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fdmobilenet import cli
 from pipelines.imagefolder import build_once, list_samples
 
 JPEG_QUALITY = 95
@@ -54,9 +56,9 @@ def build_digits(root: str | Path, size: int = 64, val_fraction: float = 0.2, se
     """Write the digits tree under ``root`` unless it is already there with the same settings.
     Returns True when it wrote it."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise cli.UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if size < 8:
-        raise ValueError(f"size must be at least 8 (the digits are 8x8), got {size}")
+        raise cli.UsageError(f"--size must be at least 8 (the digits are 8x8), got {size}")
     params = {"dataset": "sklearn-digits", "size": size, "val_fraction": val_fraction, "seed": seed,
               "quality": JPEG_QUALITY}
     return build_once(root, params, lambda r: write_digits(r, size, val_fraction, seed))
@@ -70,8 +72,9 @@ def channel_stats(split_dir: str | Path) -> tuple[list[float], list[float]]:
     return pixels.mean(axis=(0, 1, 2)).tolist(), pixels.std(axis=(0, 1, 2)).tolist()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.demo_data", description=__doc__.split("\n\n")[0],
+                                 epilog="Exit codes: 0 built (or already there); 2 a mistake (one line).")
     ap.add_argument("dir", help="output directory (gets train/ and val/)")
     ap.add_argument("--size", type=int, default=64, help="side of the square JPEGs (default 64)")
     ap.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val (default 0.2)")
@@ -79,14 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stats", action="store_true", help="also print the train split's channel mean/std")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    built = build_digits(args.dir, args.size, args.val_fraction, args.seed)
+    try:
+        built = build_digits(args.dir, args.size, args.val_fraction, args.seed)
+    except (*cli.USER_ERRORS, OSError) as e:   # OSError: DIR holds a tree this tool did not write, no space, ...
+        cli.report("pipelines.demo_data", e)
+        return cli.EXIT_USAGE
     counts = {s: len(list_samples(Path(args.dir) / s)[1]) for s in ("train", "val")}
     print(f"{'built' if built else 'already complete:'} {args.dir}: {counts['train']} train + {counts['val']} "
           f"val JPEGs, 10 classes, {args.size}x{args.size} ({time.perf_counter() - t0:.2f} s)")
     if args.stats:
         mean, std = channel_stats(Path(args.dir) / "train")
         print(f"mean: [{', '.join(f'{m:.4f}' for m in mean)}]  std: [{', '.join(f'{s:.4f}' for s in std)}]")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

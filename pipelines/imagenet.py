@@ -38,6 +38,10 @@ member that would land outside its destination folder (``../``, an absolute path
 device file) stops the step with an error naming the archive and the member, and is not written. torchvision
 extracts without a filter argument, so for its two steps the filter is installed as tarfile's default
 (``TarFile.extraction_filter``) for the duration of the call.
+
+Exit codes: 0 built; 2 what the user must fix - an archive missing, truncated or not the official file, an
+output folder this tool did not write, too little disk space, a failed --verify / --pack (one line); 130
+interrupted (run the same command again); 1 anything else (a traceback).
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
 
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000}
@@ -387,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.pack:
             pack_splits(args.out, args.pack, args.shard_size)
         return 0
-    except ImageNetError as e:
+    except ImageNetError as e:   # the archives, the output folder or its disk: what the user must fix
         print(f"pipelines.imagenet: error: {e}", file=sys.stderr)
-        return 1
+        return cli.EXIT_USAGE
     except KeyboardInterrupt:
         print("pipelines.imagenet: interrupted; run the same command again to continue (finished steps are kept)",
               file=sys.stderr)

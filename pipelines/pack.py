@@ -33,6 +33,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
 from pipelines.verify import JPEG_SOI
 
@@ -74,7 +75,7 @@ def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None =
     write the samples in a seeded random order (for training splits) instead of ImageFolder order."""
     src, dst = Path(src), Path(dst)
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+        raise cli.UsageError(f"--shard-size must be at least 1, got {shard_size}")
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory (give one split of an ImageFolder tree, e.g. "
                                 f"data/x/train)")
@@ -105,8 +106,10 @@ def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None =
             "not_jpeg": not_jpeg}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.pack", description=__doc__.split("\n\n")[0],
+                                 epilog="Exit codes: 0 packed; 2 a mistake (one line: a missing or non-ImageFolder "
+                                        "--src, shards already in --dst, ...).")
     ap.add_argument("--src", required=True, help="one ImageFolder split, e.g. data/x/train")
     ap.add_argument("--dst", required=True, help="output directory for the shards, e.g. data/x-wds/train")
     ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -117,12 +120,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="write samples in a seeded random order (use it for training splits)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite, args.shuffle)
+    try:
+        summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite, args.shuffle)
+    except (*cli.USER_ERRORS, OSError) as e:   # OSError: a missing --src, shards in --dst, no space, ...
+        cli.report("pipelines.pack", e)
+        return cli.EXIT_USAGE
     for p in summary["not_jpeg"]:
         print(f"warning: {p}: not a JPEG (packed unchanged; the decoders read it by content)", file=sys.stderr)
     print(f"packed {summary['samples']} samples, {summary['classes']} classes into {len(summary['shards'])} "
           f"shards under {args.dst} ({time.perf_counter() - t0:.2f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fdmobilenet import cli
 from pipelines.imagefolder import build_once
 
 COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -100,9 +102,11 @@ def build_photo_set(root: str | Path, num_train: int, num_val: int, num_classes:
     """Write the set under ``root`` unless it is already there with the same settings; True when it wrote.
     Image ``i`` of a split has label ``i % num_classes`` (balanced classes)."""
     if num_classes < 1 or num_train < num_classes:
-        raise ValueError(f"need at least one image per class: num_train={num_train}, classes={num_classes}")
+        raise cli.UsageError(f"need at least one train image per class: --num-train {num_train}, --classes "
+                             f"{num_classes}")
     if num_val < 0 or not 1 <= quality <= 100 or min(size) < 8:
-        raise ValueError(f"bad settings: num_val={num_val} quality={quality} size={size}")
+        raise cli.UsageError(f"--num-val must be 0 or more, --quality 1-100, --size at least 8x8; got {num_val}, "
+                             f"{quality}, {size[0]}x{size[1]}")
     workers = workers or len(os.sched_getaffinity(0))
     params = {"dataset": "skimage-photos", "num_train": num_train, "num_val": num_val, "classes": num_classes,
               "size": list(size), "quality": quality, "seed": seed}
@@ -119,8 +123,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.photo_set", description=__doc__.split("\n\n")[0],
+                                 epilog="Exit codes: 0 built (or already there); 2 a mistake (one line).")
     ap.add_argument("dir")
     ap.add_argument("--num-train", type=int, required=True)
     ap.add_argument("--num-val", type=int, required=True)
@@ -131,14 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all usable cores)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    built = build_photo_set(args.dir, args.num_train, args.num_val, args.classes, args.size, args.quality,
-                            args.seed, args.workers)
+    try:
+        built = build_photo_set(args.dir, args.num_train, args.num_val, args.classes, args.size, args.quality,
+                                args.seed, args.workers)
+    except (*cli.USER_ERRORS, OSError) as e:   # OSError: DIR holds a tree this tool did not write, no space, ...
+        cli.report("pipelines.photo_set", e)
+        return cli.EXIT_USAGE
     dt = time.perf_counter() - t0
     n = args.num_train + args.num_val
     rate = f", {n / dt:.0f} images/s" if built else ""
     print(f"{'built' if built else 'already complete:'} {args.dir}: {args.num_train} train + {args.num_val} val "
           f"JPEGs, {args.classes} classes, {args.size[0]}x{args.size[1]} q{args.quality} ({dt:.2f} s{rate})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

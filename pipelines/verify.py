@@ -5,6 +5,9 @@
 DIR is one split (DIR/<class>/<image>) or a dataset root whose sub-folders are splits (DIR/train, DIR/val).
 Every image is fully decoded with PIL (not just its header), so truncated and corrupt files are found.
 
+Exit codes: 0 no errors; 1 errors found; 2 a mistake in the command (a DIR that is not a directory, a
+manifest that cannot be written: one line).
+
 Errors (exit status 1): empty (0-byte) files, unreadable files, files that are not a decodable image,
 truncated/corrupt image data, empty class folders (torchvision's ImageFolder refuses them), a split with no
 class folders. Warnings (listed, exit 0): images that decode but are not JPEG (e.g. a PNG named .jpg - DALI
@@ -35,6 +38,7 @@ from typing import Callable, TypeVar
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fdmobilenet import cli
 from pipelines import manifest
 from pipelines.imagefolder import list_samples
 
@@ -186,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"also write each split's {manifest.NAME} (path, size, mtime, label, verdict) for the "
                          f"loaders' start-up check")
     args = ap.parse_args(argv)
+    not_dirs = [d for d in args.dirs if not Path(d).is_dir()]
+    if not_dirs:
+        print(f"pipelines.verify: error: {', '.join(not_dirs)}: not a directory (give an ImageFolder split "
+              f"DIR/<class>/<image> or a dataset root holding such splits, e.g. DIR/train, DIR/val)", file=sys.stderr)
+        return cli.EXIT_USAGE
     t0 = time.perf_counter()
     n_files, problems, written = 0, [], []
     for d in args.dirs:
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             n, found, manifests = check_tree(d, args.workers, write_manifests=args.manifest)
         except (OSError, ValueError) as e:   # a manifest that cannot be written: the message names the file
             print(f"pipelines.verify: error: {e}", file=sys.stderr)
-            return 1
+            return cli.EXIT_USAGE
         n_files += n
         problems += found
         written += manifests

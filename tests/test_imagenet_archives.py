@@ -265,7 +265,7 @@ def test_missing_archives_are_named_in_one_error(tmp_path, photos):
     made["files"]["val"].unlink()
     made["files"]["devkit"].unlink()
     p = cli("--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out"))
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == (f"pipelines.imagenet: error: {tmp_path / 'archives'}: ILSVRC2012_img_val.tar, "
                                 f"ILSVRC2012_devkit_t12.tar.gz not found (the ILSVRC2012 files from image-net.org's "
                                 f"download page; --archives names the folder holding all three)")
@@ -276,7 +276,7 @@ def test_official_md5_sums_refuse_other_files(tmp_path, photos):
     """No md5 replaced: the fixture train tar is not the official file, and nothing is extracted."""
     make_archives(tmp_path / "archives", photos)
     p = cli("--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out"))
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     official = tv_imagenet.ARCHIVE_META["train"][1]
     assert f"{tmp_path / 'archives' / NAMES['train']}: md5 " in p.stderr
     assert f"is not the official {official}" in p.stderr and "truncated or corrupt; download it again" in p.stderr
@@ -292,11 +292,11 @@ def test_truncated_archive_is_named(tmp_path, photos, use_fixture_md5, capsys, s
     path = made["files"][split]
     path.write_bytes(path.read_bytes()[:int(path.stat().st_size * 0.6)])
     argv = ["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out")]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{path}: md5 " in err and "truncated or corrupt; download it again" in err
     use_fixture_md5(made["files"])
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pipelines.imagenet: error: {path}") and "truncated or corrupt" in err, err
     assert not (tmp_path / "out" / split).exists()
@@ -322,7 +322,7 @@ def test_members_that_would_land_outside_are_refused_and_not_written(tmp_path, p
                           "symlink_to": up + name}}[kind]
     made = make_archives(tmp_path / "archives", photos, poison=(where, member))
     use_fixture_md5(made["files"])
-    assert main(["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out")]) == 1
+    assert main(["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     archive = made["files"]["devkit" if where == "devkit" else "val" if where == "val" else "train"]
     assert err.startswith(f"pipelines.imagenet: error: {archive}") and "Traceback" not in err, err
@@ -336,7 +336,7 @@ def test_an_output_folder_this_tool_did_not_write_is_left_alone(tmp_path, photos
     made = make_archives(tmp_path / "archives", photos)
     use_fixture_md5(made["files"])
     (tmp_path / "out" / "train" / "mine").mkdir(parents=True)
-    assert main(["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out")]) == 1
+    assert main(["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "out")]) == 2
     assert (f"{tmp_path / 'out'} already holds train that this tool did not write (no .imagenet.json)"
             in capsys.readouterr().err)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train"]
