@@ -30,6 +30,7 @@ from fdmobilenet.config import ExperimentConfig, from_dict
 from fdmobilenet.cuda_graph import use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.model import FDMobileNet
+from pipelines.base import train_steps
 from pipelines.preflight import check_split, each_split
 
 
@@ -122,6 +123,9 @@ def check_data(plan: Plan) -> str:
         return "data: synthetic batches (nothing to read)"
     splits = ("val",) if plan.evaluate else ("train", "val")
     checked = each_split(splits, lambda split: check_split(data, split, scan=False))
+    if not plan.evaluate:   # a batch larger than a rank's share of the train split: what the workers would find
+        for n in plan.world_sizes:
+            train_steps(checked[0].total, per_rank_batch(plan.config, n), n, str(checked[0].folder))
     return (f"data: {data.root} ({data.layout}, {data.num_classes} classes, loader {data.loader}): "
             + "; ".join(f"{c.name} {c.total:,} images, {c.how}" for c in checked))
 

@@ -148,8 +148,14 @@ def test_wrong_type_names_the_key_and_the_value(digits, good_checkpoint, tmp_pat
 
 
 def test_per_rank_batch_larger_than_the_shard(digits, tmp_path):
+    """One line that says what to set, from the ranks and from the launchers' pre-flight (2 ranks: 719 each)."""
     p = train(digits, tmp_path, "big", "optim.batch_size=2000", "optim.base_batch_size=2000")
     assert_user_error(p, "per-rank batch size 2000 is larger than", "1438 training images",
+                      "set optim.batch_size (the global batch) to 1438 or less")
+    p = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), "--check", "--world-size", "2",
+                        *run_words(digits, tmp_path, "big", batch=2000)], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert_user_error(p, "per-rank batch size 1000 is larger than", "(1438 // 2 ranks = 719)",
                       "set optim.batch_size (the global batch) to 1438 or less")
     assert not (tmp_path / "big.pth.tar").exists()
 

@@ -54,6 +54,7 @@ def test_the_readme_recipe_for_own_images_runs_as_written(tmp_path):
         out["fdmobilenet.predict"]
     assert "manifest: data/mine/train/.manifest.tsv" in verify and "0 errors" in verify
     assert "| 4 classes (class folders in data/mine/train) |" in train and "lr 0.1 = 0.1 x 32/32" in train
+    assert "| amp off |" in train                       # the CPU's full fp32, not 'amp None'
     assert "files checked" not in train                  # the manifests served: no image read to check it
     assert "done: best val top-1" in train and (tmp_path / "checkpoints" / "mine_best.pth.tar").is_file()
     assert "checkpoints/mine_best.pth.tar on data/mine/val (dali, 1 rank(s), cpu): top-1 " in evaluate

@@ -219,14 +219,15 @@ def run_training(root: Path) -> list[str]:
     done = subprocess.run([sys.executable, "-c", TRAIN_3_EPOCHS.format(root=str(root))], capture_output=True,
                           text=True, timeout=90)
     assert done.returncode != 0 and "TRAINED WITHOUT ERROR" not in done.stdout
-    return [line for line in done.stderr.splitlines() if line.startswith("pipelines.base.CorruptImageError")]
+    return [line for line in done.stderr.splitlines()
+            if line.startswith(("pipelines.base.CorruptImageError", "pipelines.preflight.DamagedFiles"))]
 
 
 def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
     """Found up front (the GPU decoders would decode it silently, grey where data is missing)."""
     root, victim = truncated_root
     error = run_training(root)
-    assert error and error[0].startswith("pipelines.base.CorruptImageError: 1 truncated JPEG(s) in ")
+    assert error and error[0].startswith("pipelines.preflight.DamagedFiles: 1 truncated JPEG(s) in ")
     assert str(victim) in error[0]
 
 
@@ -320,8 +321,9 @@ def test_start_up_check_reads_headers_and_end_marker_and_confirms(photo_root, tm
 def test_on_corrupt_skip_drops_the_file_up_front(truncated_root, capsys):
     root, victim = truncated_root
     loader = build_loader(small(root, 3, on_corrupt="skip", val_split="train"), "val", 4, device=CPU)
-    assert capsys.readouterr().err == (f"pipelines.preflight: data.on_corrupt=skip: dropped 1 unreadable file(s) "
-                                       f"from {root / 'train'}: {victim}\n")    # one line, no Python warning
+    err = capsys.readouterr().err
+    assert (f"\npipelines.preflight: data.on_corrupt=skip: dropped 1 unreadable file(s) from {root / 'train'}: "
+            f"{victim}\n") in err and "Warning" not in err                     # one line, no Python warning
     assert loader.num_samples == 10
     assert sum(len(labels) for _, labels in loader) == 10
 
