@@ -121,7 +121,7 @@ def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
     _, model = prepare_model(module, cfg.train, info)
     loader = pipelines.build_loader(cfg.data, "val", args.batch_size, rank=info.rank, world_size=info.world_size,
                                     local_rank=info.local_rank, device=info.device, group=info.control_group)
-    top1 = record_top1(model, loader) if args.predictions else None
+    top1 = record_top1(model, loader, args.predictions) if args.predictions else None
     info.report_own_errors = True   # from here an error can be one rank's own (an undecodable image)
     m = evaluate(model, loader, info, resolve_amp(cfg.train.amp, info.device), args.print_freq,
                  label_map=label_map)
@@ -133,11 +133,14 @@ def run(args, ckpt: dict, cfg: ExperimentConfig, info: DistInfo) -> None:
               + (f"; per image: {args.predictions}" if args.predictions else ""), flush=True)
 
 
-def record_top1(model: torch.nn.Module, loader) -> list[torch.Tensor]:
-    """The list each forward of ``model`` appends its batch's top-1 output indices to (--predictions)."""
+def record_top1(model: torch.nn.Module, loader, path: str) -> list[torch.Tensor]:
+    """The list each forward of ``model`` appends its batch's top-1 output indices to, for --predictions
+    ``path`` (checked first: a folder that does not exist would fail only after the whole evaluation)."""
     if loader.split is None or not loader.split.samples:
         raise cli.UsageError("--predictions names each image: it needs the val split as image files "
                              "(data.layout=folder, data.loader dali or torchvision)")
+    if not Path(path).parent.is_dir():
+        raise cli.UsageError(f"--predictions {path}: the folder {Path(path).parent} does not exist")
     top1: list[torch.Tensor] = []
     model.register_forward_hook(lambda module, inputs, output: top1.append(output.argmax(dim=1)))
     return top1

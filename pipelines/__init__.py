@@ -35,7 +35,8 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     from pipelines.preflight import check_split, resolve_classes
     data, _ = resolve_loader_defaults(data, device)   # the 'auto' loader knobs, for this rank's GPU and CPUs
-    data, _ = resolve_classes(data, split)
+    if data.num_classes == "auto":
+        data, _ = resolve_classes(data, split)
     if data.loader == "synthetic":
         from pipelines.synthetic import SyntheticLoader
         return SyntheticLoader(data, split, batch_size, rank=rank, world_size=world_size, device=device)

@@ -155,10 +155,10 @@ class Classes:
 
 
 def resolve_classes(data: DataConfig, split: str = "train") -> tuple[DataConfig, Classes]:
-    """``data`` with ``num_classes: auto`` replaced by the number of classes of ``split`` (the train split's
-    decide a run's labels): its sorted class folders (folder layout, as ImageFolder labels them), the
-    classes.json that pipelines.pack writes beside the shards, or ImageNet's 1000 for synthetic data. A
-    configured number passes through; the listing checks it against the folders later."""
+    """``data`` with ``num_classes: auto`` replaced by the number of classes of ``split`` (a run's labels are
+    its train split's), and the classes: the sorted class folders (folder layout, labelled as ImageFolder
+    labels them), the classes.json that pipelines.pack writes beside the shards, or ImageNet's 1000 for
+    synthetic data. A configured number passes through; the listing checks it against the folders later."""
     folder = split_dir(data, split)
     if data.loader == "synthetic":
         names, where = None, "synthetic data: ImageNet's"
