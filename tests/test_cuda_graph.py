@@ -364,6 +364,6 @@ def test_digits_demo_trains_to_90_percent_with_amp_channels_last_compile_and_gra
                         "train.compile=on", "train.eval_every=0", "train.plot=false"],
                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env())
     out = ok(p)
-    assert "amp torch.bfloat16 | compile True | cuda graphs on |" in out
+    assert "amp bf16 | compile True | cuda graphs on |" in out
     last = json.loads((tmp_path / "demo.jsonl").read_text().splitlines()[-1])
     assert last["val_top1"] >= 90.0, last
