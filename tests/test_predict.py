@@ -100,9 +100,10 @@ def digits_model(tmp_path_factory):
     return digits, out / "digits_best.pth.tar"
 
 
-def predicted_top1(checkpoint, images: list[str], capsys) -> list[tuple[int, str]]:
+def predicted_top1(checkpoint, images: list[str], capsys) -> list[tuple[int, str, float]]:
     assert main(["--checkpoint", str(checkpoint), "--json", *images]) == 0
-    return [(r["top5"][0]["index"], r["top5"][0]["name"]) for r in json.loads(capsys.readouterr().out)]
+    return [(r["top5"][0]["index"], r["top5"][0]["name"], r["top5"][0]["prob"])
+            for r in json.loads(capsys.readouterr().out)]
 
 
 @pytest.mark.slow
@@ -122,8 +123,8 @@ def test_predict_agrees_with_evaluate_on_every_digit(digits_model, tmp_path, cap
     assert [r["image"] for r in rows] == [str(path) for path in sorted((digits / "val").glob("*/*.jpg"))]
     assert all(int(r["label"]) == int(Path(r["image"]).parent.name) for r in rows)
     predicted = predicted_top1(best, [r["image"] for r in rows], capsys)
-    assert [index for index, _ in predicted] == [int(r["top1"]) for r in rows]
-    assert all(name == str(index) for index, name in predicted)          # the class folders "0".."9"
+    assert [index for index, _, _ in predicted] == [int(r["top1"]) for r in rows]
+    assert all(name == str(index) for index, name, _ in predicted)       # the class folders "0".."9"
     top1 = 100 * sum(int(r["top1"]) == int(r["label"]) for r in rows) / len(rows)
     assert f"top-1 {top1:.2f}%" in p.stdout and top1 > 30               # a model that learned something
 
@@ -135,12 +136,14 @@ def test_the_run_settings_travel_with_converted_files_and_beside_the_checkpoint(
     digits, best = digits_model
     images = [str(path) for path in sorted((digits / "val").glob("*/*.jpg"))[::36]]
     expected = predicted_top1(best, images, capsys)
+    assert all(name == str(index) for index, name, _ in expected)
     save_checkpoint({"state_dict": load_checkpoint(best)["state_dict"]}, tmp_path / "digits_best.pth.tar")
     shutil.copyfile(best.with_name("digits.config.yaml"), tmp_path / "digits.config.yaml")
     assert predicted_top1(tmp_path / "digits_best.pth.tar", images, capsys) == expected
     (tmp_path / "digits.config.yaml").unlink()        # weights alone: ImageNet's preprocessing, output indices
-    assert {name for _, name in predicted_top1(tmp_path / "digits_best.pth.tar", images, capsys)} <= \
-        {f"class {i}" for i in range(10)}
+    alone = predicted_top1(tmp_path / "digits_best.pth.tar", images, capsys)
+    assert all(name == f"class {index}" for index, name, _ in alone)
+    assert [prob for _, _, prob in alone] != [prob for _, _, prob in expected]
     converted = subprocess.run([sys.executable, str(REPO / "convert_model.py"), "--model", "0.25", "--input", str(best),
                                 "--output", str(tmp_path / "m.pth.tar")], capture_output=True, text=True, timeout=120)
     assert converted.returncode == 0, converted.stderr
