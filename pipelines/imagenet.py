@@ -56,38 +56,16 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.imagefolder import list_samples
+from pipelines.progress import Progress
 
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000}
 OFFICIAL_CLASSES = 1000
 STATE = ".imagenet.json"     # verified archives; its presence marks OUT as written by this tool
 STAGING = ".partial"         # steps in progress; a rerun deletes what is left there and redoes it
-PROGRESS_EVERY_S = 10.0
 
 
 class ImageNetError(Exception):
     """An archive or output problem; the message names the file and what to do."""
-
-
-# --------------------------------------------------------------------------------------------- progress
-class Progress:
-    """``what: done / total`` with elapsed time and ETA: redrawn in place on a terminal, else one line at most
-    every PROGRESS_EVERY_S seconds (and always the last)."""
-
-    def __init__(self, what: str, total: float, fmt: Callable[[float], str] = "{:,.0f}".format):
-        self.what, self.total, self.fmt = what, total, fmt
-        self.t0 = self.last = time.monotonic()
-        self.tty = sys.stdout.isatty()
-
-    def update(self, done: float, note: str = "") -> None:
-        now = time.monotonic()
-        final = done >= self.total
-        if not (self.tty or final or now - self.last >= PROGRESS_EVERY_S):
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = f", ETA {elapsed * (self.total - done) / done / 60:.1f} min" if 0 < done < self.total else ""
-        line = f"{self.what}: {self.fmt(done)} / {self.fmt(self.total)}{note} ({elapsed:.0f} s{eta})"
-        print(("\r\033[K" + line) if self.tty else line, end="\n" if final or not self.tty else "", flush=True)
 
 
 # ------------------------------------------------------------------------------------ safe extraction
