@@ -236,7 +236,7 @@ class Summary:
     def line(self, what: str) -> str:
         seconds = self.seconds
         kinds = ", ".join(f"{n:,} {'kept from an earlier run' if kind == 'kept' else kind}"
-                          for kind, n in self.counts.items() if n or kind != "broken")
+                          for kind, n in self.counts.items() if n)
         ratio = f" ({100 * self.out_bytes / self.src_bytes:.0f} %)" if self.src_bytes else ""
         return (f"{what}: {self.files:,} files in {seconds:.1f} s, {self.files / max(seconds, 1e-9):,.0f} files/s "
                 f"({kinds}); {mb(self.src_bytes)} -> {mb(self.out_bytes)}{ratio}")
