@@ -38,8 +38,9 @@ import tarfile
 import time
 from pathlib import Path
 
+from fdmobilenet.cli import EXIT_USAGE
 from pipelines.imagefolder import list_samples
-from pipelines.resize import DECODE_ERRORS, EXIT_USAGE, broken_reason, check_settings, shrink
+from pipelines.resize import DECODE_ERRORS, broken_reason, check_settings, shrink
 from pipelines.verify import JPEG_SOI
 
 

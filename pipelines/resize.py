@@ -55,6 +55,7 @@ from typing import Iterator, Optional
 
 from PIL import ExifTags, Image
 
+from fdmobilenet.cli import EXIT_USAGE
 from pipelines import manifest
 from pipelines.imagefolder import list_samples
 from pipelines.progress import Progress
@@ -66,7 +67,6 @@ FORMAT = 1                   # of shrink's output: raise it when the same input 
 PARTIAL = ".partial"         # suffix of an output being written (hidden: ".NAME.partial")
 # Reading or decoding a source: what PIL and the file system raise for a damaged or unreadable file
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-EXIT_USAGE = 2               # fdmobilenet.cli's code for a mistake in the command or its files
 
 
 class ResizeError(ValueError):
