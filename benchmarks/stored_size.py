@@ -2,7 +2,7 @@
 alone and end to end through the trainer.
 
     python benchmarks/stored_size.py [--stored original,320,256,192,160] [--res 224,192,160]
-        [--loaders torchvision,dali] [--num-images 1280] [--rounds 3] [--e2e-rounds 2] [--no-e2e]
+        [--loaders torchvision,dali] [--num-images 1280] [--quality 90] [--rounds 3] [--e2e-rounds 2] [--no-e2e]
         [--out DIR] [--record] [--quick]
 
 Data: a photo set (pipelines.photo_set: real photos, 500x375, JPEG q90; cached) and its copies made by
@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--loaders", type=csv(str), default=["torchvision", "dali"],
                     help="torchvision, dali (torchvision first: its workers fork before DALI starts threads)")
     ap.add_argument("--num-images", type=int, default=None, help="training photos (default 1280; --quick 48)")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the resized copies (default 90)")
     ap.add_argument("--threads", type=int, default=None, help="DALI threads / DataLoader workers (default: all cores)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 64; --quick 8)")
     ap.add_argument("--rounds", type=int, default=3, help="pipeline-alone rounds (at least 3)")
@@ -118,9 +119,9 @@ def make_data(args) -> dict:
         if n == ORIGINAL:
             roots[n] = base
             continue
-        roots[n] = base.with_name(f"{base.name}-s{n}")
+        roots[n] = base.with_name(f"{base.name}-s{n}" + (f"-q{args.quality}" if args.quality != 90 else ""))
         t0 = time.perf_counter()
-        summaries = resize_tree(base, roots[n], n, report=print)
+        summaries = resize_tree(base, roots[n], n, args.quality, report=print)
         done = sum(s.files - s.counts["kept"] for s in summaries.values())
         print(f"stored {n}: {roots[n]} ({done} files resized or copied in {time.perf_counter() - t0:.1f} s)",
               flush=True)
@@ -234,13 +235,14 @@ def markdown(result: dict) -> str:
     cols = (("loader", "loader"), ("stored", "stored shorter side"), ("res", "res"), ("img_s", "img/s"),
             ("rounds", "rounds (img/s)"), ("x_ref", f"x original @ {max(s['res'])}"))
     # RESULTS.md keeps its lines under 200 characters: one clause per line (markdown joins them)
+    sizes = ", ".join(f"{k} {v / 1e3:.1f} KB" for k, v in result["bytes"].items())
     lines = [describe(result["environment"]), "",
              f"load average after: {' / '.join(map(str, result['load_avg_after']))} ·",
              f"{s['num_images']} training photos {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} q90 (pipelines.photo_set) and their "
-             f"copies by pipelines.resize (q90) ·", f"batch {s['batch']} · {s['threads']} DALI threads / DataLoader "
-             f"workers", "", "Bytes on disk per image: " + ", ".join(f"{k} {v / 1e3:.1f} KB"
-                                                                     for k, v in result["bytes"].items()), "",
-             f"Pipeline alone (imagenet-aggressive train pipeline at res;",
+             f"copies by pipelines.resize (q{s['quality']}) ·",
+             f"batch {s['batch']} · {s['threads']} DALI threads / DataLoader workers", "",
+             f"Bytes on disk per image: {sizes}", "",
+             "Pipeline alone (imagenet-aggressive train pipeline at res;",
              f"median of {s['rounds']} alternating rounds x {s['steps']} batches after {s['warmup']} warm-up "
              f"batches):", "", markdown_table(result["pipeline"], cols)]
     if result.get("end_to_end"):
@@ -280,7 +282,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(sys.argv if argv is None else ["benchmarks/stored_size.py", *argv])
     roots = make_data(args)
-    result = {"environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {"environment": env, "settings": settings,
               "data": {label(n): str(r) for n, r in roots.items()},
               "bytes": {label(n): round(bytes_per_image(r)[1]) for n, r in roots.items()}}
     result["pipeline"] = pipeline_alone(args, roots)

@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in summary["not_jpeg"]:
         print(f"warning: {p}: not a JPEG (packed unchanged; the decoders read it by content)", file=sys.stderr)
     for path, reason in summary["broken"]:
-        print(f"pipelines.pack: error: {path}: {reason}; left out (replace or delete it, then pack again with --overwrite)",
-              file=sys.stderr)
+        print(f"pipelines.pack: error: {path}: {reason}; left out (replace or delete it, then pack again with "
+              f"--overwrite)", file=sys.stderr)
     print(f"packed {summary['samples']} samples, {summary['classes']} classes into {len(summary['shards'])} "
           f"shards under {args.dst} ({time.perf_counter() - t0:.2f} s)")
     return EXIT_USAGE if summary["broken"] else 0

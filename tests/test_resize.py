@@ -188,7 +188,8 @@ def test_a_broken_source_file_is_named_and_not_copied(photos, tmp_path):
     fix = "; not copied (replace or delete it, then run the same command again)"
     assert truncated.startswith(f"pipelines.resize: error: {src / 'a' / 'truncated.jpg'}: truncated image data (")
     assert truncated.endswith(fix)
-    assert text == f"pipelines.resize: error: {src / 'b' / 'text.jpg'}: not an image (PIL cannot identify the content){fix}"
+    assert text == (f"pipelines.resize: error: {src / 'b' / 'text.jpg'}: not an image (PIL cannot identify the "
+                    f"content){fix}")
     assert last == ("pipelines.resize: error: 2 source file(s) could not be decoded and were not copied (named above); "
                     "replace or delete them and run the same command again: only they are redone")
     assert sorted(relative(tmp_path / "dst")) == sorted((r, y) for r, y in relative(src)
