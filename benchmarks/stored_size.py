@@ -236,7 +236,7 @@ def markdown(result: dict) -> str:
             ("rounds", "rounds (img/s)"), ("x_ref", f"x original @ {max(s['res'])}"))
     # RESULTS.md keeps its lines under 200 characters: one clause per line (markdown joins them)
     sizes = ", ".join(f"{k} {v / 1e3:.1f} KB" for k, v in result["bytes"].items())
-    lines = [describe(result["environment"]), "",
+    lines = [describe(result["environment"]).replace(" · device:", " ·\ndevice:"), "",
              f"load average after: {' / '.join(map(str, result['load_avg_after']))} ·",
              f"{s['num_images']} training photos {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} q90 (pipelines.photo_set) and their "
              f"copies by pipelines.resize (q{s['quality']}) ·",
