@@ -55,7 +55,7 @@ from typing import Iterator, Optional
 
 from PIL import ExifTags, Image
 
-from fdmobilenet.cli import EXIT_USAGE
+from fdmobilenet.cli import EXIT_USAGE, UsageError
 from pipelines import manifest
 from pipelines.imagefolder import list_samples
 from pipelines.progress import Progress
@@ -69,7 +69,7 @@ PARTIAL = ".partial"         # suffix of an output being written (hidden: ".NAME
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class ResizeError(ValueError):
+class ResizeError(UsageError):
     """The command cannot work as given; the message names the path and what to do."""
 
 
