@@ -26,12 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import median
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
-from fdmobilenet.config import load_family
+from fdmobilenet.config import DataConfig, load_family
 from pipelines import build_loader, resolve_loader_defaults
 from pipelines.photo_set import build_photo_set
 
@@ -58,9 +58,26 @@ def pull(batches: Iterator, n: int) -> None:
         next(batches)
 
 
-def default_data_root(num_images: int) -> Path:
+def timed_rounds(cfg: DataConfig, batch: int, steps: int, warmup: int, device: torch.device
+                 ) -> tuple[Callable[[], float], int]:
+    """Build ``cfg``'s train loader (knobs resolved) and warm it up; returns (one round: images/s of ``steps``
+    batches, the loader's batches per epoch). A round first drains, untimed, the batches its prefetch queue
+    filled while other variants ran, so that only steady-state batches are timed."""
+    loader = build_loader(cfg, "train", batch, device=device)
+    stream = endless(loader)
+    pull(stream, warmup)
+    queue = cfg.prefetch_queue_depth * (cfg.num_threads if cfg.loader == "torchvision" else 1) + 1
+
+    def one_round() -> float:
+        pull(stream, queue)
+        return steps * batch / timed(lambda: pull(stream, steps), device)
+    return one_round, len(loader)
+
+
+def default_data_root(num_images: int, name: str = "photos") -> Path:
+    """Where a benchmark caches the photo set it builds (``name``-``num_images``)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path(tempfile.gettempdir()))) / "fdmobilenet-bench"
-    return cache / f"photos-{num_images}"
+    return cache / f"{name}-{num_images}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,18 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_loader_defaults(dataclasses.replace(
             base, loader=v.loader, num_threads=v.threads,
             hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None else v.hw_decoder_load), device)[0]
-        loader = build_loader(cfg, "train", batch, device=device)
-        stream = endless(loader)
-        pull(stream, warmup)
-        # the batches this variant's prefetch queue filled while the others ran come for free: drain them
-        # untimed, then time steady-state batches
-        queue = cfg.prefetch_queue_depth * (v.threads if v.loader == "torchvision" else 1) + 1
-
-        def one_round(stream=stream, queue=queue):
-            pull(stream, queue)
-            return steps * batch / timed(lambda: pull(stream, steps), device)
-        rounds[v.label(device)] = one_round
-        print(f"ready: {v.label(device)} ({len(loader)} batches of {batch} per epoch)", flush=True)
+        rounds[v.label(device)], per_epoch = timed_rounds(cfg, batch, steps, warmup, device)
+        print(f"ready: {v.label(device)} ({per_epoch} batches of {batch} per epoch)", flush=True)
 
     rates = interleave(rounds, args.rounds)
     load_after = [round(x, 2) for x in os.getloadavg()]

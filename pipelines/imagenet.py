@@ -1,6 +1,7 @@
 """ImageNet (ILSVRC2012) from its official archives into the ImageFolder tree the trainer reads.
 
     python -m pipelines.imagenet --archives DIR --out data/imagenet [--verify | --manifest] [--pack DST]
+        [--short-side N [--quality Q] [--workers W]]
 
 DIR holds the three files of image-net.org's ILSVRC2012 download page (names and md5 sums from torchvision's
 ``torchvision.datasets.imagenet.ARCHIVE_META``):
@@ -26,6 +27,10 @@ Steps, each kept when it is done, so the same command continues after an interru
    ``parse_train_archive`` is not used here: it first writes all 1,000 class tars (another 138 GB) next to the
    output, and after an interruption it cannot go on (it then hands the already-extracted class folders to
    extract_archive, which refuses a name without a suffix).
+   With ``--short-side N`` the images of each staging folder (the val split, one class of train) are stored
+   as ``python -m pipelines.resize --short-side N`` stores them (its ``shrink``, in W processes) before the
+   folder is renamed into place, so the full-size tree is never written: at most one class (or val) is on
+   disk at full size. OUT/.imagenet.json records N and Q; a rerun with other values is refused.
 5. The counts, against the official ones (1,281,167 train / 50,000 val images, 1,000 classes): a difference is
    reported. Train and val must have the same classes (or the class indices would differ): an error otherwise.
 6. Optionally ``python -m pipelines.verify OUT`` (--verify; with --manifest: ``... OUT --manifest``, which also
@@ -57,42 +62,21 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
+from pipelines.progress import Progress
+from pipelines.resize import Resizer, ResizeError, Summary
 
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000}
 OFFICIAL_CLASSES = 1000
 STATE = ".imagenet.json"     # verified archives; its presence marks OUT as written by this tool
 STAGING = ".partial"         # steps in progress; a rerun deletes what is left there and redoes it
-PROGRESS_EVERY_S = 10.0
 
 
 class ImageNetError(Exception):
     """An archive or output problem; the message names the file and what to do."""
-
-
-# --------------------------------------------------------------------------------------------- progress
-class Progress:
-    """``what: done / total`` with elapsed time and ETA: redrawn in place on a terminal, else one line at most
-    every PROGRESS_EVERY_S seconds (and always the last)."""
-
-    def __init__(self, what: str, total: float, fmt: Callable[[float], str] = "{:,.0f}".format):
-        self.what, self.total, self.fmt = what, total, fmt
-        self.t0 = self.last = time.monotonic()
-        self.tty = sys.stdout.isatty()
-
-    def update(self, done: float, note: str = "") -> None:
-        now = time.monotonic()
-        final = done >= self.total
-        if not (self.tty or final or now - self.last >= PROGRESS_EVERY_S):
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = f", ETA {elapsed * (self.total - done) / done / 60:.1f} min" if 0 < done < self.total else ""
-        line = f"{self.what}: {self.fmt(done)} / {self.fmt(self.total)}{note} ({elapsed:.0f} s{eta})"
-        print(("\r\033[K" + line) if self.tty else line, end="\n" if final or not self.tty else "", flush=True)
 
 
 # ------------------------------------------------------------------------------------ safe extraction
@@ -225,9 +209,36 @@ def parse_devkit(archive: Path, out: Path) -> tuple[dict[str, tuple[str, ...]], 
     return wnid_to_classes, val_wnids
 
 
-def extract_val(archive: Path, out: Path, val_wnids: list[str]) -> None:
+class Shrinking:
+    """--short-side: every image of a staging folder replaced by its stored form (pipelines.resize) before the
+    folder is renamed into place; ``summary`` counts what was done."""
+
+    def __init__(self, resizer: Resizer):
+        self.resizer, self.summary = resizer, Summary()
+
+    def __call__(self, folder: Path, archive: Path) -> None:
+        t0 = time.monotonic()
+        for done in self.resizer.in_place(folder):
+            if done.action == "broken":
+                raise ImageNetError(f"{archive}: {Path(done.src).name} does not decode ({done.reason}); the "
+                                    f"official archives hold no such image: download the archive again")
+            self.summary.add(done)
+        self.summary.seconds += time.monotonic() - t0
+
+
+def stored_as(short_side: Optional[int], quality: int) -> dict:
+    """How OUT stores its images, as .imagenet.json records it."""
+    return {"short_side": short_side, "quality": quality if short_side else None}
+
+
+def describe_stored(stored: dict) -> str:
+    return (f"with --short-side {stored['short_side']} --quality {stored['quality']}" if stored["short_side"]
+            else "at full size (no --short-side)")
+
+
+def extract_val(archive: Path, out: Path, val_wnids: list[str], shrinking: Optional[Shrinking] = None) -> None:
     """torchvision's val sorting (the i-th file by name gets the i-th ground-truth wnid) into OUT/.partial/val,
-    which becomes OUT/val once every image is in its class folder."""
+    which becomes OUT/val once every image is in its class folder (and, with --short-side, stored resized)."""
     from torchvision.datasets.imagenet import parse_val_archive
     if (out / "val").is_dir():
         print("val: done before")
@@ -250,6 +261,13 @@ def extract_val(archive: Path, out: Path, val_wnids: list[str]) -> None:
         raise ImageNetError(f"{archive} holds {guard.count} members but the devkit's ground truth labels "
                             f"{len(val_wnids)} images ({len(loose)} left without a label, e.g. {loose[:3]}): "
                             f"truncated or corrupt, or the archive and the devkit do not belong together")
+    if shrinking is not None:
+        print(f"val: storing the images with shorter side at most {shrinking.resizer.short_side} ...", flush=True)
+        try:
+            shrinking(staging, archive)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     os.replace(staging, out / "val")
 
 
@@ -270,9 +288,10 @@ def class_archives(outer: tarfile.TarFile, archive: Path) -> list[tuple[str, tar
     return found
 
 
-def extract_train(archive: Path, out: Path, wnids: set[str]) -> None:
-    """Each class tar straight from the train tar into OUT/.partial/train/<wnid>, then renamed to
-    OUT/train/<wnid>; classes already there are complete (the rename is the last step) and skipped."""
+def extract_train(archive: Path, out: Path, wnids: set[str], shrinking: Optional[Shrinking] = None) -> None:
+    """Each class tar straight from the train tar into OUT/.partial/train/<wnid> (with --short-side its images
+    then stored resized), then renamed to OUT/train/<wnid>; classes already there are complete (the rename is
+    the last step) and skipped."""
     train, staging = out / "train", out / STAGING / "train"
     with reading(archive), tarfile.open(archive, "r:") as outer:
         members = class_archives(outer, archive)
@@ -286,7 +305,10 @@ def extract_train(archive: Path, out: Path, wnids: set[str]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         train.mkdir(parents=True, exist_ok=True)
         total = sum(m.size for _, m in todo)
-        need_space(out, total, f"the {len(todo)} train classes left")
+        if shrinking is None:
+            need_space(out, total, f"the {len(todo)} train classes left")
+        elif todo:   # resized, the images take less than the archive; one class is staged at full size
+            need_space(out, max(m.size for _, m in todo), "the largest train class left, staged at full size")
         progress, done = Progress("train", total, size), 0
         for k, (wnid, member) in enumerate(todo, 1):
             dest = staging / wnid
@@ -295,6 +317,8 @@ def extract_train(archive: Path, out: Path, wnids: set[str]) -> None:
                 with reading(archive, member.name), \
                         tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
                     inner.extractall(dest, filter=MemberGuard())
+                if shrinking is not None:
+                    shrinking(dest, archive)
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)   # no half class stays behind (a rerun redoes it)
                 raise
@@ -352,7 +376,7 @@ def pack_splits(out: Path, dst: Path, shard_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def build(archives: Path, out: Path) -> str:
+def build(archives: Path, out: Path, shrinking: Optional[Shrinking] = None) -> str:
     """Steps 1-5; returns the counts line."""
     if not hasattr(tarfile, "data_filter"):
         raise ImageNetError(f"Python {sys.version.split()[0]} has no tarfile extraction filters; use 3.10.12+, "
@@ -360,11 +384,18 @@ def build(archives: Path, out: Path) -> str:
     paths = find_archives(archives)
     out.mkdir(parents=True, exist_ok=True)
     state = read_state(out)
+    stored = stored_as(shrinking.resizer.short_side if shrinking else None,
+                       shrinking.resizer.quality if shrinking else 0)
+    before = state.get("stored", stored_as(None, 0))
+    if before != stored and any((out / split).exists() for split in OFFICIAL_COUNTS):
+        raise ImageNetError(f"{out} holds images stored {describe_stored(before)}, and this command asks for "
+                            f"them {describe_stored(stored)}: give the same settings to continue, or another --out")
+    state["stored"] = stored
     write_state(out, state)   # from here on OUT is marked as this tool's
     verify_md5(paths, out, state)
     wnid_to_classes, val_wnids = parse_devkit(paths["devkit"], out)
-    extract_val(paths["val"], out, val_wnids)
-    extract_train(paths["train"], out, set(val_wnids))
+    extract_val(paths["val"], out, val_wnids, shrinking)
+    extract_train(paths["train"], out, set(val_wnids), shrinking)
     shutil.rmtree(out / STAGING, ignore_errors=True)
     return report_counts(count_tree(out))
 
@@ -382,17 +413,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", type=Path, metavar="DST",
                     help="then pack DST/train (shuffled, seed 0) and DST/val as webdataset shards")
     ap.add_argument("--shard-size", type=int, default=1000, help="images per shard for --pack (default 1000)")
+    ap.add_argument("--short-side", type=int, default=None, metavar="N",
+                    help="store every image as `python -m pipelines.resize --short-side N` does: shorter side at most "
+                         "N (default: the archives' images as they are)")
+    ap.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality for --short-side (default 90)")
+    ap.add_argument("--workers", type=int, default=None, metavar="W",
+                    help="processes for --short-side (default: all usable cores)")
     args = ap.parse_args(argv)
     try:
         t0 = time.monotonic()
-        print(build(args.archives, args.out))
+        with contextlib.ExitStack() as stack:
+            shrinking = None
+            if args.short_side is not None:
+                shrinking = Shrinking(stack.enter_context(Resizer(args.short_side, args.quality, args.workers)))
+            print(build(args.archives, args.out, shrinking))
+        if shrinking is not None:
+            print(shrinking.summary.line(f"stored with shorter side at most {args.short_side}"))
         print(f"ImageFolder tree: {args.out}/train, {args.out}/val ({(time.monotonic() - t0) / 60:.1f} min)")
         if args.verify or args.manifest:
             run_tool("verify", [str(args.out), *(["--manifest"] * args.manifest)])
         if args.pack:
             pack_splits(args.out, args.pack, args.shard_size)
         return 0
-    except ImageNetError as e:   # the archives, the output folder or its disk: what the user must fix
+    except (ImageNetError, ResizeError) as e:
         print(f"pipelines.imagenet: error: {e}", file=sys.stderr)
         return cli.EXIT_USAGE
     except KeyboardInterrupt:

@@ -15,6 +15,11 @@ sort in order across shards); ``.cls`` holds the class index as ASCII digits, th
 is the source file's bytes unchanged (a PNG that is named .jpg stays a PNG: the decoders read content, not
 names; ``python -m pipelines.verify`` lists such files).
 
+``--short-side N [--quality Q]`` stores each image as ``python -m pipelines.resize`` would (its ``shrink``: the
+shorter side at most N, a baseline RGB JPEG of quality Q, or the file's own bytes when it is one already and
+small enough), without writing a resized folder first. A file that then does not decode is named on one line
+and left out (its key is missing from the shards), and the command exits with status 2 once the rest is packed.
+
 Pack a *training* split with ``--shuffle SEED``: DALI's webdataset reader shuffles only the order of whole
 shards and mixes samples in a buffer (``initial_fill``), so shards written in class order would give batches of
 one or two classes. Shuffling reorders the samples across shards once, seeded; keys stay the ImageFolder
@@ -35,6 +40,7 @@ from pathlib import Path
 
 from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
+from pipelines.resize import DECODE_ERRORS, broken_reason, check_settings, shrink
 from pipelines.verify import JPEG_SOI
 
 
@@ -48,34 +54,48 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
     return f"{name.split('.', 1)[1]} {offset} {len(data)} {name}"
 
 
-def write_shard(task: tuple[str, str, list[tuple[int, str, int]]]) -> tuple[str, int, list[str]]:
-    """Write one ``.tar`` and its ``.idx``; returns (tar path, samples, paths that are not JPEG).
+def write_shard(task: tuple[str, str, list[tuple[int, str, int]], tuple[int, int] | None]
+                ) -> tuple[str, int, list[str], list[tuple[str, str]]]:
+    """Write one ``.tar`` and its ``.idx``; returns (tar path, samples, paths that are not JPEG, (path, reason)
+    of the files left out because they do not decode). ``resize``: (short side, quality), or None.
 
     The index is written from the offsets known while writing, in DALI's format v1.2: a line
     ``v1.2 <samples>``, then per sample its members as ``<ext> <offset> <size> <name>``, space-separated.
     (DALI's wds2idx tool computes the same by running ``tar --list`` twice; the GPU images lack it.)"""
-    tar_path, idx_path, samples = task
-    not_jpeg, lines = [], []
+    tar_path, idx_path, samples, resize = task
+    not_jpeg, lines, broken = [], [], []
     with tarfile.open(tar_path + ".tmp", "w", format=tarfile.GNU_FORMAT) as tar:
         for position, path, label in samples:
             data = Path(path).read_bytes()
+            if resize is not None:
+                try:
+                    data = shrink(data, *resize)[0]
+                except DECODE_ERRORS as e:
+                    broken.append((path, broken_reason(path, e)))
+                    continue
             if not data.startswith(JPEG_SOI):
                 not_jpeg.append(path)
             key = f"{position:08d}"
             lines.append(" ".join([_add_member(tar, f"{key}.jpg", data),
                                    _add_member(tar, f"{key}.cls", str(label).encode("ascii"))]))
-    Path(idx_path).write_text(f"v1.2 {len(samples)}\n" + "".join(line + "\n" for line in lines))
+    Path(idx_path).write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
     os.replace(tar_path + ".tmp", tar_path)
-    return tar_path, len(samples), not_jpeg
+    return tar_path, len(lines), not_jpeg, broken
 
 
 def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None = None,
-         workers: int | None = None, overwrite: bool = False, shuffle_seed: int | None = None) -> dict:
+         workers: int | None = None, overwrite: bool = False, shuffle_seed: int | None = None,
+         short_side: int | None = None, quality: int = 90) -> dict:
     """Pack ImageFolder split ``src`` into shards under ``dst``; returns a summary dict. ``shuffle_seed``:
-    write the samples in a seeded random order (for training splits) instead of ImageFolder order."""
+    write the samples in a seeded random order (for training splits) instead of ImageFolder order;
+    ``short_side``: store each image as pipelines.resize does (see the module docstring)."""
     src, dst = Path(src), Path(dst)
     if shard_size < 1:
         raise cli.UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    resize = None
+    if short_side is not None:
+        check_settings(short_side, quality)
+        resize = (short_side, quality)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory (give one split of an ImageFolder tree, e.g. "
                                 f"data/x/train)")
@@ -92,7 +112,7 @@ def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None =
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(keyed)
     tasks = [(str(dst / f"{prefix}-{n:06d}.tar"), str(dst / f"{prefix}-{n:06d}.idx"),
-              keyed[start:start + shard_size])
+              keyed[start:start + shard_size], resize)
              for n, start in enumerate(range(0, len(samples), shard_size))]
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(tasks)))
     if workers == 1:
@@ -101,9 +121,8 @@ def pack(src: str | Path, dst: str | Path, shard_size: int, prefix: str | None =
         with mp.get_context("fork").Pool(workers) as pool:
             results = pool.map(write_shard, tasks, chunksize=1)
     (dst / "classes.json").write_text(json.dumps(classes) + "\n")
-    not_jpeg = [p for _, _, bad in results for p in bad]
-    return {"shards": [r[0] for r in results], "samples": len(samples), "classes": len(classes),
-            "not_jpeg": not_jpeg}
+    return {"shards": [r[0] for r in results], "samples": sum(r[1] for r in results), "classes": len(classes),
+            "not_jpeg": [p for r in results for p in r[2]], "broken": [b for r in results for b in r[3]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,18 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
     ap.add_argument("--shuffle", type=int, default=None, metavar="SEED",
                     help="write samples in a seeded random order (use it for training splits)")
+    ap.add_argument("--short-side", type=int, default=None, metavar="N",
+                    help="store images as `python -m pipelines.resize --short-side N` does (default: as they are)")
+    ap.add_argument("--quality", type=int, default=90, metavar="Q",
+                    help="JPEG quality of the images --short-side writes (default 90)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite, args.shuffle)
+        summary = pack(args.src, args.dst, args.shard_size, args.prefix, args.workers, args.overwrite,
+                       args.shuffle, args.short_side, args.quality)
     except (*cli.USER_ERRORS, OSError) as e:   # OSError: a missing --src, shards in --dst, no space, ...
         cli.report("pipelines.pack", e)
         return cli.EXIT_USAGE
     for p in summary["not_jpeg"]:
         print(f"warning: {p}: not a JPEG (packed unchanged; the decoders read it by content)", file=sys.stderr)
+    for path, reason in summary["broken"]:
+        print(f"pipelines.pack: error: {path}: {reason}; left out (replace or delete it, then pack again with "
+              f"--overwrite)", file=sys.stderr)
     print(f"packed {summary['samples']} samples, {summary['classes']} classes into {len(summary['shards'])} "
           f"shards under {args.dst} ({time.perf_counter() - t0:.2f} s)")
-    return 0
+    return cli.EXIT_USAGE if summary["broken"] else 0
 
 
 if __name__ == "__main__":

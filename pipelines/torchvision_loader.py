@@ -28,7 +28,13 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     """An image file as RGB, turned by its EXIF orientation tag as a viewer (and DALI's decoder) shows it:
     a phone photo stored sideways with orientation 6 comes out upright. PIL's own errors pass through."""
     with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return upright_rgb(img)
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """What :func:`open_rgb` makes of an opened image: EXIF orientation applied, then RGB (CMYK, grayscale,
+    palette and alpha images converted as PIL converts them)."""
+    return ImageOps.exif_transpose(img).convert("RGB")
 
 
 def load_image(path: str, folder: str) -> Image.Image:

@@ -111,7 +111,7 @@ def _is_split_file(path: Path) -> bool:
     return path.is_file() and path.name != manifest.NAME
 
 
-def _splits(root: Path) -> list[Path]:
+def split_folders(root: Path) -> list[Path]:
     """``root`` itself when it is a split, else its sub-folders (a dataset root with train/, val/)."""
     subdirs = [d for d in sorted(root.iterdir()) if d.is_dir()]
     is_dataset_root = subdirs and all(
@@ -125,7 +125,7 @@ def scan(root: str | Path) -> tuple[list[str], list[Problem]]:
     if not root.is_dir():
         return [], [Problem(str(root), "not a directory")]
     images, problems = [], []
-    for split in _splits(root):
+    for split in split_folders(root):
         classes = [d for d in sorted(split.iterdir()) if d.is_dir()]
         if not classes:
             problems.append(Problem(str(split), "no class folders (expected SPLIT/<class>/<image files>)"))
@@ -173,7 +173,7 @@ def check_tree(root: str | Path, workers: int | None = None,
     written = []
     if write_manifests and Path(root).is_dir():
         checked = dict(zip(images, results))
-        written = [m for m in (write_manifest(split, checked) for split in _splits(Path(root))) if m]
+        written = [m for m in (write_manifest(split, checked) for split in split_folders(Path(root))) if m]
     return len(images), sorted(problems, key=lambda p: p.path), written
 
 

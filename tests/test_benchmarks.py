@@ -206,3 +206,23 @@ def test_startup_scan_benchmark_runs_every_variant(tmp_path):
     assert len(rows) == 8 and all(r["s"] > 0 and len(r["rounds"]) == 1 for r in rows.values())
     assert [c["check"].split(" ")[0] for c in report["per_file"]] == ["listing", "os.stat", "pre-flight", "PIL", "full"]
     assert {"versions", "git_commit", "command", "cores", "load_avg_1_5_15"} <= set(report["meta"])
+
+
+def test_stored_size_benchmark_runs_at_toy_size(tmp_path):
+    """benchmarks/stored_size.py --quick end to end (a photo set and its copy by pipelines.resize, both loaders
+    alone and through train_ddp.py under torchrun): every row measured, finite and positive, the bytes per image
+    and the chart written. No speed is asserted."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stored_size.py"), "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "stored_size.json").read_text())
+    variants = [(loader, stored, 128) for loader in ("torchvision", "dali") for stored in ("original (375)", "160")]
+    for section in ("pipeline", "end_to_end"):
+        assert [(r["loader"], r["stored"], r["res"]) for r in res[section]] == variants, section
+        assert all(math.isfinite(x) and x > 0 for r in res[section] for x in r["rounds"]), section
+    assert len(res["pipeline"][0]["rounds"]) == 3 and len(res["end_to_end"][0]["rounds"]) == 1
+    assert res["bytes"]["160"] < res["bytes"]["original (375)"]
+    assert (out / "stored_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dali | 160 | 128 |" in (out / "stored_size.md").read_text()

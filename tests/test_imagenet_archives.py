@@ -260,6 +260,28 @@ def test_manifest_goes_to_verify_and_the_loaders_use_it(tmp_path, photos, use_fi
         assert checked.checked == 0 and checked.how == f"the verdicts of {out / split / NAME}"
 
 
+def test_short_side_stores_what_resize_stores(tmp_path, photos, use_fixture_md5, capsys):
+    """--short-side 96 (the crops are 64-160 px: some resized, some copied): the tree is byte for byte what
+    ``python -m pipelines.resize`` makes of the full-size tree; a rerun with another size is refused."""
+    from pipelines.resize import resize_tree
+    made = make_archives(tmp_path / "archives", photos)
+    use_fixture_md5(made["files"])
+    argv = ["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "small")]
+    assert main([*argv, "--short-side", "96", "--workers", "2"]) == 0
+    log = capsys.readouterr().out
+    assert COUNTS_LINE in log.splitlines() and "stored with shorter side at most 96: 15 files in " in log
+    assert main(["--archives", str(tmp_path / "archives"), "--out", str(tmp_path / "full")]) == 0
+    resize_tree(tmp_path / "full", tmp_path / "resized", 96, workers=1)
+    small = {k: v for k, v in files_under(tmp_path / "small").items() if k.startswith(("train/", "val/"))}
+    resized = {k: v for k, v in files_under(tmp_path / "resized").items()
+               if k.startswith(("train/", "val/")) and not k.endswith(".manifest.tsv")}
+    assert small == resized and small != expected_tree(made)
+    capsys.readouterr()
+    assert main([*argv, "--short-side", "128"]) == 2
+    assert (f"{tmp_path / 'small'} holds images stored with --short-side 96 --quality 90, and this command asks "
+            f"for them with --short-side 128 --quality 90" in capsys.readouterr().err)
+
+
 def test_missing_archives_are_named_in_one_error(tmp_path, photos):
     made = make_archives(tmp_path / "archives", photos)
     made["files"]["val"].unlink()
