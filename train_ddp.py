@@ -113,7 +113,8 @@ def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:
     return epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
 
 
-def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None:
+def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> int | None:
+    """This rank's training (or --evaluate); returns the exit code when it is not 0: 130 after a Ctrl-C."""
     train_cfg, optim_cfg = cfg.train, cfg.optim
     seed_everything(train_cfg.seed, info.rank)
     setup_backends(info.device, train_cfg.deterministic)
@@ -194,10 +195,12 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> None
             state.save(saver, best)
     except Preempted as p:
         pending = state.step == steps and evaluation_due(cfg, state.epoch)
-        log.print(f"preempted ({p.signal_name}) at epoch {state.epoch + 1} step {state.step}, checkpoint saved to "
-                  f"{saver.path}" + (" (the epoch's evaluation runs first on resume)" if pending else ""))
+        log.print(f"{'interrupted' if preempt.interrupted else 'preempted'} ({p.signal_name}) at epoch "
+                  f"{state.epoch + 1} step {state.step}, checkpoint saved to {saver.path}"
+                  + (" (the epoch's evaluation runs first on resume)" if pending else "")
+                  + ("; the same command continues from there" if preempt.interrupted else ""))
         log.close(plot=False)
-        return
+        return cli.EXIT_INTERRUPTED if preempt.interrupted else None
     log.print(f"done: best val top-1 {state.best_top1:.2f}% at epoch {state.best_epoch} ({saver.best_path}), "
               f"checkpoint {saver.path}, logs {log.dir}/{train_cfg.label}.csv, "
               f"{format_duration(time.perf_counter() - run_start)} (h:mm:ss)")
@@ -219,12 +222,13 @@ def check(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with cli.exit_on_user_error(PROG):
-        cfg = load_config(args)
-        if args.check:
-            return check(args, cfg)
-    watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
-    info = init_distributed(cfg.train.device)
+    with cli.exit_on_interrupt(PROG):
+        with cli.exit_on_user_error(PROG):
+            cfg = load_config(args)
+            if args.check:
+                return check(args, cfg)
+        watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
+        info = init_distributed(cfg.train.device)
     run_rank(lambda: run(args, cfg, info), info, PROG, "training")
 
 

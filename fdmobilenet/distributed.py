@@ -166,14 +166,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> None:
-    """Run this rank's ``work``, then leave the process group. A user's mistake (fdmobilenet.cli) prints one
-    line ``prog: message`` and exits 2; any other error prints its traceback and exits 1. Either way the exit
-    is immediate: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting for
-    peers that are still inside a collective. torchrun sees the non-zero code and stops the other ranks;
+def run_rank(work: Callable[[], Optional[int]], info: DistInfo, prog: str, what: str) -> None:
+    """Run this rank's ``work``, leave the process group, and exit with the code ``work`` returns (None: 0).
+    A user's mistake (fdmobilenet.cli) prints one line ``prog: message`` and exits 2; a KeyboardInterrupt
+    (Ctrl-C that nothing else handles: before training, during an evaluation-only run, or a second one,
+    engine.PreemptionFlag) one line and 130; any other error its traceback and 1. In these three cases the
+    exit is immediate: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting
+    for peers that are still inside a collective. torchrun sees the non-zero code and stops the other ranks;
     under srun, --kill-on-bad-exit does - so one failing rank ends the job instead of hanging it."""
     try:
-        work()
+        code = work()
+        shutdown()      # inside: a second Ctrl-C may come while a peer still writes the checkpoint
     except cli.USER_ERRORS as e:
         if info.is_main or info.report_own_errors:
             cli.report(prog if info.is_main else f"[rank {info.rank}] {prog}", e)
@@ -183,12 +186,18 @@ def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> 
             time.sleep(REPORT_GRACE_S)
         sys.stdout.flush()
         os._exit(cli.EXIT_USAGE)
+    except KeyboardInterrupt as e:
+        if info.is_main:
+            cli.report(prog, f"stopped by SIGINT{f': {e}' if e.args else ''}")
+        sys.stdout.flush()
+        os._exit(cli.EXIT_INTERRUPTED)
     except BaseException:
         sys.stderr.write(f"[rank {info.rank}] {what} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
-    shutdown()
+    if code:
+        sys.exit(code)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -241,9 +250,9 @@ def _host_all_reduce(value: int, op: dist.ReduceOp, info: DistInfo) -> int:
     return int(t.item())
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is True on any rank."""
-    return bool(_host_all_reduce(int(flag), dist.ReduceOp.MAX, info))
+def max_over_ranks(value: int, info: DistInfo) -> int:
+    """The largest ``value`` of all ranks, on every rank."""
+    return _host_all_reduce(value, dist.ReduceOp.MAX, info)
 
 
 def min_over_ranks(value: int, info: DistInfo) -> int:
