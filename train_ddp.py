@@ -35,7 +35,7 @@ from torch import nn
 import pipelines
 from fdmobilenet import cli, watchdog
 from fdmobilenet.checkpoint import CheckpointSaver, load_weights
-from fdmobilenet.config import ExperimentConfig, load_experiment, to_dict
+from fdmobilenet.config import ExperimentConfig, changes, from_dict, load_experiment, to_dict
 from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
 from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
@@ -44,6 +44,7 @@ from fdmobilenet.logs import RunLogger, format_duration, format_metrics, run_met
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
+from fdmobilenet.runs import saved_config
 from fdmobilenet.state import RunState
 
 PROG = "train_ddp.py"
@@ -88,11 +89,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_config(args: argparse.Namespace) -> ExperimentConfig:
     """Experiment file, then the family flags (--model also takes a bare width, as evaluate.py does), then
-    the overrides."""
+    the overrides. Without --config a label that has run before continues with the config it was saved with
+    (fdmobilenet.runs.saved_config), so that `--label L --resume` - and a restart or requeue of it - trains L
+    as it was; the flags and overrides still apply on top, and rank 0 says which config it took."""
     flags = [f"train.label={args.label}"] if args.label else []
     flags += [f"train.print_freq={args.print_freq}"] if args.print_freq else []
-    return load_experiment(args.config, data=args.data, model=args.model, optim=args.optim, sched=args.sched,
-                           overrides=[*flags, *args.set, *args.overrides])
+    overrides = [*flags, *args.set, *args.overrides]
+    families = dict(data=args.data, model=args.model, optim=args.optim, sched=args.sched)
+    start = None
+    if args.config is None:
+        train = load_experiment(overrides=overrides).train     # where the label's files are
+        saved = saved_config(train.output_dir, train.label)
+        if saved is not None:
+            source, stored = saved
+            start = from_dict(stored, source)
+            start.train.output_dir, start.train.label = train.output_dir, train.label   # where its files are now
+            given = [f"--{family} {ref}" for family, ref in families.items() if ref] + [*args.set, *args.overrides]
+            if cli.is_main_rank():
+                print(f"config: {source}, what run '{train.label}' was saved with (no --config given)"
+                      + (f"; on top: {' '.join(given)}" if given else ""), flush=True)
+    return load_experiment(args.config, **families, overrides=overrides, start=start)
 
 
 def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
@@ -158,6 +174,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> int 
                       ema=build_ema(module, optim_cfg.ema_decay))
     step = GraphedStep(trainer).step if graphed else None   # None: Trainer.step, eager
     state, resumed = RunState(trainer, train_loader, cfg, steps), ckpt is not None
+    changed = changes(ckpt["config"], to_dict(cfg)) if resumed else []
     if resumed:
         state.load_state_dict(ckpt, str(saver.path))
     del ckpt
@@ -166,6 +183,8 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo) -> int 
         log.print(f"resumed from {saver.path}: epoch {state.epoch + 1} step {state.step}, global step "
                   f"{trainer.global_step}, best top-1 {state.best_top1:.2f}%"
                   + (" (its steps are done: evaluation first)" if state.step == steps else ""))
+        if changed:
+            log.print(f"  with a config that differs from the one it was saved with: {', '.join(changed)}")
 
     config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size,
                                                   "data_auto": data_auto, "cuda_graphs": graphs_why})
