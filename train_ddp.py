@@ -2,11 +2,13 @@
 
 Single GPU, or a plain process (CPU or one GPU, no torchrun needed):
     python train_ddp.py --config 0.25x-FDMobileNet-224
-One node, 8 GPUs:
+One node, 8 GPUs (add --max-restarts=3 to restart every worker after a crash; they resume):
     torchrun --standalone --nproc_per_node=8 train_ddp.py --config 1x-FDMobileNet-224
-Two nodes of 8 GPUs (run on each node; NODE_RANK 0 on the node whose address is MASTER_ADDR):
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$JOB_ID train_ddp.py --config 1x-FDMobileNet-224
+Two nodes of 8 GPUs (run on each node, same endpoint and id; launch/multinode.sh does it, and sets the variable
+without which a restart of a multi-node job can fail: docs/restarts.md):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 \
+        --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$JOB_ID \
+        train_ddp.py --config 1x-FDMobileNet-224
 SLURM: launch/slurm.sbatch (torchrun per node), or `srun` one task per GPU: SLURM_PROCID etc. are read.
 The authors' flags work too:
     torchrun --nproc_per_node=4 train_ddp.py --data imagenet-aggressive --model 0.5x-FDMobileNet-224 \
@@ -14,14 +16,20 @@ The authors' flags work too:
 Any config field can be overridden: `--set optim.lr=0.2` (repeatable) or trailing `optim.lr=0.2` words.
 
 A run continues from {output_dir}/{label}.pth.tar when that file exists (train.auto_resume; --fresh starts
-over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step (or evaluation batch),
-save a checkpoint that records the step, and exit with code 0 (so torchrun does not count it as a failure;
-the SLURM script requeues). Exit codes: 0 done, preempted, or nothing left to do; 2 a user's mistake (one line
-`train_ddp.py: ...`, see fdmobilenet/cli.py); 1 anything else, with its traceback - any error on any rank
-exits at once, and the launcher (torchrun, srun --kill-on-bad-exit) stops the other ranks, so the job ends
-instead of hanging. `--check` runs the pre-flight (fdmobilenet/preflight.py) in one process and exits;
-the launchers run it before starting the workers. A rank that stops making progress is killed after
-train.step_timeout_s (fdmobilenet/watchdog.py), so that the launcher ends or restarts the job.
+over). Without --config a label that has run before takes the config it was saved with ({label}.config.yaml,
+else the checkpoint's), the flags and overrides on top: `train_ddp.py --label L --resume` continues L.
+SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step (or evaluation batch), save a
+checkpoint that records the step, and exit with code 0 (so torchrun does not count it as a failure; the
+SLURM script requeues). SIGINT (Ctrl-C) does the same and exits 130, as a shell reports a Ctrl-C'd command,
+so that scripts stop; a second Ctrl-C stops at once without saving (the last checkpoint is left as it was).
+Under torchrun the terminal's Ctrl-C reaches torchrun, which forwards it once to each worker and then exits
+1 with its own traceback (as after SIGTERM): the workers' "interrupted ... checkpoint saved" line says the
+state is safe. Exit codes: 0 done, preempted, or nothing left to do; 130 interrupted by Ctrl-C; 2 a user's
+mistake (one line `train_ddp.py: ...`, see fdmobilenet/cli.py); 1 anything else, with its traceback - any
+error on any rank exits at once, and the launcher (torchrun, srun --kill-on-bad-exit) stops the other ranks,
+so the job ends instead of hanging. `--check` runs the pre-flight (fdmobilenet/preflight.py) in one process
+and exits; the launchers run it before starting the workers. A rank that stops making progress is killed
+after train.step_timeout_s (fdmobilenet/watchdog.py), so that the launcher ends or restarts the job.
 """
 from __future__ import annotations
 
@@ -53,10 +61,12 @@ PROG = "train_ddp.py"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description="Train FD-MobileNet (DDP, AMP, torch.compile, DALI).",
                                  epilog="Trailing section.key=value words are overrides, like --set. Exit codes: "
-                                        "0 done / preempted / nothing left to do, 2 a mistake in the command, "
-                                        "its config or its files (one line), 1 a crash (traceback).")
+                                        "0 done / preempted / nothing left to do, 130 stopped by Ctrl-C (after a "
+                                        "checkpoint), 2 a mistake in the command, its config or its files (one "
+                                        "line), 1 a crash (traceback).")
     ap.add_argument("--config", help="experiment file composing data/model/optim/sched/train (a path, a name "
-                                     "in configs/experiments/, or a run's own {label}.config.yaml)")
+                                     "in configs/experiments/, or a run's own {label}.config.yaml); default: the "
+                                     "config the label's run was saved with, else the paper's recipe")
     for family in ("data", "optim", "sched"):
         ap.add_argument(f"--{family}", help=f"{family} config (a path or a name in configs/{family}/); "
                                             f"replaces the experiment's")
