@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from fdmobilenet.checkpoint import load_checkpoint
-from launch_support import (LAUNCH, REPO, build_digits, children, env, global_steps, kill_group, run_words, start,
-                            tail, wait_for)
+from launch_support import (LAUNCH, REPO, build_digits, children, env, free_port, global_steps, kill_group,
+                            run_words, start, tail, wait_for)
 
 STEPS = 40          # one epoch of 40 steps of 16 images (8 per rank)
 SAVE_EVERY = 4      # train.save_every_steps: at most this many steps may be lost
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Launchers of a 2-worker job that restarts: the project's (c10d via --standalone, with the launchers'

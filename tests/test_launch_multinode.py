@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import time
 
 import pytest
 
-from launch_support import (LAUNCH, assert_same_training, build_digits, children, global_steps, kill_group, run,
-                            run_words, start, tail)
+from launch_support import (LAUNCH, assert_same_training, build_digits, children, free_port, global_steps,
+                            kill_group, run, run_words, start, tail)
 
 STEPS = 6
 pytestmark = pytest.mark.slow
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_of_two_equal_one_node_of_four(digits, tmp_path):
