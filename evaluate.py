@@ -166,10 +166,11 @@ def write_predictions(path: str, loader, per_rank: list | None, label_map) -> No
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with cli.exit_on_user_error(PROG):
-        ckpt = load_checkpoint(args.checkpoint)
-        cfg = resolve_config(args, ckpt)
-    info = init_distributed(cfg.train.device)
+    with cli.exit_on_interrupt(PROG):
+        with cli.exit_on_user_error(PROG):
+            ckpt = load_checkpoint(args.checkpoint)
+            cfg = resolve_config(args, ckpt)
+        info = init_distributed(cfg.train.device)
     run_rank(lambda: run(args, ckpt, cfg, info), info, PROG, "evaluation")   # an error on any rank ends the job
 
 

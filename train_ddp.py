@@ -2,11 +2,13 @@
 
 Single GPU, or a plain process (CPU or one GPU, no torchrun needed):
     python train_ddp.py --config 0.25x-FDMobileNet-224
-One node, 8 GPUs:
+One node, 8 GPUs (add --max-restarts=3 to restart every worker after a crash; they resume):
     torchrun --standalone --nproc_per_node=8 train_ddp.py --config 1x-FDMobileNet-224
-Two nodes of 8 GPUs (run on each node; NODE_RANK 0 on the node whose address is MASTER_ADDR):
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$JOB_ID train_ddp.py --config 1x-FDMobileNet-224
+Two nodes of 8 GPUs (run on each node, same endpoint and id; launch/multinode.sh does it, and sets the variable
+without which a restart of a multi-node job can fail: docs/restarts.md):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 \
+        --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$JOB_ID \
+        train_ddp.py --config 1x-FDMobileNet-224
 SLURM: launch/slurm.sbatch (torchrun per node), or `srun` one task per GPU: SLURM_PROCID etc. are read.
 The authors' flags work too:
     torchrun --nproc_per_node=4 train_ddp.py --data imagenet-aggressive --model 0.5x-FDMobileNet-224 \
@@ -14,14 +16,20 @@ The authors' flags work too:
 Any config field can be overridden: `--set optim.lr=0.2` (repeatable) or trailing `optim.lr=0.2` words.
 
 A run continues from {output_dir}/{label}.pth.tar when that file exists (train.auto_resume; --fresh starts
-over). SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step (or evaluation batch),
-save a checkpoint that records the step, and exit with code 0 (so torchrun does not count it as a failure;
-the SLURM script requeues). Exit codes: 0 done, preempted, or nothing left to do; 2 a user's mistake (one line
-`train_ddp.py: ...`, see fdmobilenet/cli.py); 1 anything else, with its traceback - any error on any rank
-exits at once, and the launcher (torchrun, srun --kill-on-bad-exit) stops the other ranks, so the job ends
-instead of hanging. `--check` runs the pre-flight (fdmobilenet/preflight.py) in one process and exits;
-the launchers run it before starting the workers. A rank that stops making progress is killed after
-train.step_timeout_s (fdmobilenet/watchdog.py), so that the launcher ends or restarts the job.
+over). Without --config a label that has run before takes the config it was saved with ({label}.config.yaml,
+else the checkpoint's), the flags and overrides on top: `train_ddp.py --label L --resume` continues L.
+SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step (or evaluation batch), save a
+checkpoint that records the step, and exit with code 0 (so torchrun does not count it as a failure; the
+SLURM script requeues). SIGINT (Ctrl-C) does the same and exits 130, as a shell reports a Ctrl-C'd command,
+so that scripts stop; a second Ctrl-C stops at once without saving (the last checkpoint is left as it was).
+Under torchrun the terminal's Ctrl-C reaches torchrun, which forwards it once to each worker and then exits
+1 with its own traceback (as after SIGTERM): the workers' "interrupted ... checkpoint saved" line says the
+state is safe. Exit codes: 0 done, preempted, or nothing left to do; 130 interrupted by Ctrl-C; 2 a user's
+mistake (one line `train_ddp.py: ...`, see fdmobilenet/cli.py); 1 anything else, with its traceback - any
+error on any rank exits at once, and the launcher (torchrun, srun --kill-on-bad-exit) stops the other ranks,
+so the job ends instead of hanging. `--check` runs the pre-flight (fdmobilenet/preflight.py) in one process
+and exits; the launchers run it before starting the workers. A rank that stops making progress is killed
+after train.step_timeout_s (fdmobilenet/watchdog.py), so that the launcher ends or restarts the job.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ from torch import nn
 import pipelines
 from fdmobilenet import cli, watchdog
 from fdmobilenet.checkpoint import CheckpointSaver, load_weights
-from fdmobilenet.config import ExperimentConfig, load_experiment, to_dict
+from fdmobilenet.config import ExperimentConfig, changes, from_dict, load_experiment, to_dict
 from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
 from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
@@ -45,6 +53,7 @@ from fdmobilenet.logs import RunLogger, format_duration, format_metrics, run_met
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
+from fdmobilenet.runs import saved_config
 from fdmobilenet.state import RunState
 from pipelines.preflight import Classes, resolve_classes
 
@@ -54,10 +63,12 @@ PROG = "train_ddp.py"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=PROG, description="Train FD-MobileNet (DDP, AMP, torch.compile, DALI).",
                                  epilog="Trailing section.key=value words are overrides, like --set. Exit codes: "
-                                        "0 done / preempted / nothing left to do, 2 a mistake in the command, "
-                                        "its config or its files (one line), 1 a crash (traceback).")
+                                        "0 done / preempted / nothing left to do, 130 stopped by Ctrl-C (after a "
+                                        "checkpoint), 2 a mistake in the command, its config or its files (one "
+                                        "line), 1 a crash (traceback).")
     ap.add_argument("--config", help="experiment file composing data/model/optim/sched/train (a path, a name "
-                                     "in configs/experiments/, or a run's own {label}.config.yaml)")
+                                     "in configs/experiments/, or a run's own {label}.config.yaml); default: the "
+                                     "config the label's run was saved with, else the paper's recipe")
     for family in ("data", "optim", "sched"):
         ap.add_argument(f"--{family}", help=f"{family} config (a path or a name in configs/{family}/); "
                                             f"replaces the experiment's")
@@ -90,11 +101,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_config(args: argparse.Namespace) -> ExperimentConfig:
     """Experiment file, then the family flags (--model also takes a bare width, as evaluate.py does), then
-    the overrides."""
+    the overrides. Without --config a label that has run before continues with the config it was saved with
+    (fdmobilenet.runs.saved_config), so that `--label L --resume` - and a restart or requeue of it - trains L
+    as it was; the flags and overrides still apply on top, and rank 0 says which config it took."""
     flags = [f"train.label={args.label}"] if args.label else []
     flags += [f"train.print_freq={args.print_freq}"] if args.print_freq else []
-    return load_experiment(args.config, data=args.data, model=args.model, optim=args.optim, sched=args.sched,
-                           overrides=[*flags, *args.set, *args.overrides])
+    overrides = [*flags, *args.set, *args.overrides]
+    families = dict(data=args.data, model=args.model, optim=args.optim, sched=args.sched)
+    start = None
+    if args.config is None:
+        train = load_experiment(overrides=overrides).train     # where the label's files are
+        saved = saved_config(train.output_dir, train.label)
+        if saved is not None:
+            source, stored = saved
+            start = from_dict(stored, source)
+            start.train.output_dir, start.train.label = train.output_dir, train.label   # where its files are now
+            given = [f"--{family} {ref}" for family, ref in families.items() if ref] + [*args.set, *args.overrides]
+            if cli.is_main_rank():
+                print(f"config: {source}, what run '{train.label}' was saved with (no --config given)"
+                      + (f"; on top: {' '.join(given)}" if given else ""), flush=True)
+    return load_experiment(args.config, **families, overrides=overrides, start=start)
 
 
 def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
@@ -115,7 +141,8 @@ def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:
     return epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
 
 
-def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes: Classes) -> None:
+def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes: Classes) -> int | None:
+    """This rank's training (or --evaluate); returns the exit code when it is not 0: 130 after a Ctrl-C."""
     train_cfg, optim_cfg = cfg.train, cfg.optim
     seed_everything(train_cfg.seed, info.rank)
     setup_backends(info.device, train_cfg.deterministic)
@@ -162,6 +189,7 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
                       ema=build_ema(module, optim_cfg.ema_decay))
     step = GraphedStep(trainer).step if graphed else None   # None: Trainer.step, eager
     state, resumed = RunState(trainer, train_loader, cfg, steps, classes=classes.names), ckpt is not None
+    changed = changes(ckpt["config"], to_dict(cfg)) if resumed else []
     if resumed:
         state.load_state_dict(ckpt, str(saver.path))
     del ckpt
@@ -170,6 +198,8 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
         log.print(f"resumed from {saver.path}: epoch {state.epoch + 1} step {state.step}, global step "
                   f"{trainer.global_step}, best top-1 {state.best_top1:.2f}%"
                   + (" (its steps are done: evaluation first)" if state.step == steps else ""))
+        if changed:
+            log.print(f"  with a config that differs from the one it was saved with: {', '.join(changed)}")
 
     config_file = log.write_config(to_dict(cfg), {**run_metadata(sys.argv), "world_size": info.world_size,
                                                   "data_auto": data_auto, "cuda_graphs": graphs_why,
@@ -202,10 +232,12 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
             state.save(saver, best)
     except Preempted as p:
         pending = state.step == steps and evaluation_due(cfg, state.epoch)
-        log.print(f"preempted ({p.signal_name}) at epoch {state.epoch + 1} step {state.step}, checkpoint saved to "
-                  f"{saver.path}" + (" (the epoch's evaluation runs first on resume)" if pending else ""))
+        log.print(f"{'interrupted' if preempt.interrupted else 'preempted'} ({p.signal_name}) at epoch "
+                  f"{state.epoch + 1} step {state.step}, checkpoint saved to {saver.path}"
+                  + (" (the epoch's evaluation runs first on resume)" if pending else "")
+                  + ("; the same command continues from there" if preempt.interrupted else ""))
         log.close(plot=False)
-        return
+        return cli.EXIT_INTERRUPTED if preempt.interrupted else None
     log.print(f"done: best val top-1 {state.best_top1:.2f}% at epoch {state.best_epoch} ({saver.best_path}), "
               f"checkpoint {saver.path}, logs {log.dir}/{train_cfg.label}.csv, "
               f"{format_duration(time.perf_counter() - run_start)} (h:mm:ss)")
@@ -232,14 +264,15 @@ def check(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with cli.exit_on_user_error(PROG):
-        cfg = load_config(args)
-        # data.num_classes 'auto': the classes of the split the labels come from (the train split's)
-        cfg.data, classes = resolve_classes(cfg.data, "val" if args.evaluate else "train")
-        if args.check:
-            return check(args, cfg)
-    watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
-    info = init_distributed(cfg.train.device)
+    with cli.exit_on_interrupt(PROG):
+        with cli.exit_on_user_error(PROG):
+            cfg = load_config(args)
+            # data.num_classes 'auto': the classes of the split the labels come from (the train split's)
+            cfg.data, classes = resolve_classes(cfg.data, "val" if args.evaluate else "train")
+            if args.check:
+                return check(args, cfg)
+        watchdog.start(cfg.train)   # before the process group: it forks (fdmobilenet/watchdog.py)
+        info = init_distributed(cfg.train.device)
     run_rank(lambda: run(args, cfg, info, classes), info, PROG, "training")
 
 

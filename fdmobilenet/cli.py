@@ -7,7 +7,8 @@ and the process exits with ``EXIT_USAGE`` (2, argparse's code for a bad command 
 would fail the same way again, so nothing should restart it: torchrun with --max-restarts > 0 restarts a
 worker whatever its exit code, which is why the launchers run ``train_ddp.py --check`` in one plain process
 before torchrun / srun and stop on its exit code. Any other exception is a bug or a crash: its traceback is
-printed and the exit code is 1.
+printed and the exit code is 1. A Ctrl-C (SIGINT) that stops a tool is one line and exit code
+``EXIT_INTERRUPTED`` (130); the trainer first saves a checkpoint (fdmobilenet.engine.PreemptionFlag).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from fdmobilenet.config import ConfigError
 from pipelines.base import CorruptImageError, DataError
 
 EXIT_USAGE = 2
+# 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C, so that a script or `&&` chain stops too
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(ValueError):
@@ -35,6 +38,23 @@ def report(prog: str, error: BaseException) -> None:
     print(f"{prog}: {error}", file=sys.stderr, flush=True)
 
 
+def is_main_rank() -> bool:
+    """Rank 0 by the launcher's RANK / SLURM_PROCID (before the process group exists)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(prog: str):
+    """For what a tool does before its ranks' work starts (config, checkpoint header, joining the process
+    group): a Ctrl-C there has nothing to save; one line from rank 0, exit 130, no traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if is_main_rank():
+            report(prog, "stopped by SIGINT before it started")
+        sys.exit(EXIT_INTERRUPTED)
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
     """For the part of a tool that runs before the process group exists (config, checkpoint header): every
@@ -42,6 +62,6 @@ def exit_on_user_error(prog: str):
     try:
         yield
     except USER_ERRORS as e:
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        if is_main_rank():
             report(prog, e)
         sys.exit(EXIT_USAGE)

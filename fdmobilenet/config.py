@@ -344,12 +344,13 @@ def load_model_ref(ref: str) -> ModelConfig:
 
 
 def load_experiment(path: str | None = None, *, data: str | None = None, model: str | None = None,
-                    optim: str | None = None, sched: str | None = None,
-                    overrides: list[str] = ()) -> ExperimentConfig:
+                    optim: str | None = None, sched: str | None = None, overrides: list[str] = (),
+                    start: ExperimentConfig | None = None) -> ExperimentConfig:
     """Compose an experiment: an optional experiment file, then family files given one by one (the authors'
     ``--data --model --optim --sched`` flags; ``model`` may be a bare width, as load_model_ref), then
-    ``section.key=value`` overrides."""
-    exp = ExperimentConfig() if path is None else _experiment_file(path)
+    ``section.key=value`` overrides. Without a file they go on top of ``start`` (a run's saved config), else
+    the defaults."""
+    exp = _experiment_file(path) if path is not None else (start or ExperimentConfig())
     for section, ref in (("data", data), ("model", model), ("optim", optim), ("sched", sched)):
         if ref is not None:
             setattr(exp, section, load_model_ref(ref) if section == "model" else load_family(section, ref))
@@ -431,6 +432,13 @@ def from_dict(d: dict, source: str = "checkpoint config") -> ExperimentConfig:
         if section in d:
             setattr(exp, section, build(cls, d[section], source, section, stored=True))
     return exp
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    """``section.key before -> after`` for every field of both stored configs (to_dict's form) that differs."""
+    return [f"{section}.{key} {value!r} -> {after[section][key]!r}"
+            for section, fields in before.items() if section in FAMILIES and section in after
+            for key, value in fields.items() if key in after[section] and after[section][key] != value]
 
 
 def dump_yaml(exp: ExperimentConfig) -> str:

@@ -99,6 +99,39 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+def restart_store(world_size: int) -> Optional[dist.Store]:
+    """The store the process group starts from when torchrun's workers share its agent's store; None
+    elsewhere (init_process_group then reads MASTER_ADDR / MASTER_PORT itself).
+
+    torchrun hands its workers the address of a store its agent keeps for the whole job
+    (TORCHELASTIC_USE_AGENT_STORE=True: the static rendezvous always, c10d - also --standalone and a plain
+    ``torchrun --nproc_per_node=N`` - unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and torch opens it
+    without a prefix per restart (torch 2.14.1, torch/distributed/rendezvous.py ``_create_c10d_store``). So
+    after a restart the new workers find the killed ones' keys, gloo's and NCCL's addresses among them, and
+    a worker that reads a peer's key before the peer has rewritten it connects to a dead port ("Gloo
+    connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712; docs/restarts.md). On one node
+    the workers of a restart share one TORCHELASTIC_RESTART_COUNT, so its keys go under a prefix of its own.
+    Across nodes every agent counts its own restarts (they can disagree), so there the launchers opt out of
+    the sharing instead, and a job that did not is warned (:func:`restart_warning`)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("GROUP_WORLD_SIZE", 1)) != 1:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    return dist.PrefixStore(f"fdmobilenet/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
+def restart_warning() -> Optional[str]:
+    """One line for a multi-node torchrun job that may restart but whose workers share the agents' store
+    (see :func:`restart_store`): its restarts can fail, and what to run instead."""
+    restarts, nodes = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"), os.environ.get("GROUP_WORLD_SIZE", "1")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or nodes == "1" or restarts == "0":
+        return None
+    return (f"warning: torchrun --max-restarts={restarts} over {nodes} nodes whose workers share torchrun's "
+            f"store: a restart can fail ('Gloo connectFullMesh failed ... Connection refused', "
+            f"pytorch/pytorch#135712). Use --rdzv-backend=c10d with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set "
+            f"for torchrun on every node (launch/multinode.sh and launch/slurm.sbatch do both)")
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by the environment (see module docstring)."""
     # SLURM_STEP_ID: only inside an srun step are the task variables this process's own; the batch shell
@@ -113,8 +146,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size == 1:
         return DistInfo(rank, local_rank, 1, dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    warning = restart_warning()
+    if warning and rank == 0:
+        print(warning, file=sys.stderr, flush=True)
+    store = restart_store(world_size)
     dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
-                            device_id=dev if dev.type == "cuda" else None)
+                            device_id=dev if dev.type == "cuda" else None,
+                            **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistInfo(rank, local_rank, world_size, dev, control)
 
@@ -128,14 +166,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> None:
-    """Run this rank's ``work``, then leave the process group. A user's mistake (fdmobilenet.cli) prints one
-    line ``prog: message`` and exits 2; any other error prints its traceback and exits 1. Either way the exit
-    is immediate: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting for
-    peers that are still inside a collective. torchrun sees the non-zero code and stops the other ranks;
+def run_rank(work: Callable[[], Optional[int]], info: DistInfo, prog: str, what: str) -> None:
+    """Run this rank's ``work``, leave the process group, and exit with the code ``work`` returns (None: 0).
+    A user's mistake (fdmobilenet.cli) prints one line ``prog: message`` and exits 2; a KeyboardInterrupt
+    (Ctrl-C that nothing else handles: before training, during an evaluation-only run, or a second one,
+    engine.PreemptionFlag) one line and 130; any other error its traceback and 1. In these three cases the
+    exit is immediate: the normal exit path (atexit, destroy_process_group, loader threads) can block waiting
+    for peers that are still inside a collective. torchrun sees the non-zero code and stops the other ranks;
     under srun, --kill-on-bad-exit does - so one failing rank ends the job instead of hanging it."""
     try:
-        work()
+        code = work()
+        shutdown()      # inside: a second Ctrl-C may come while a peer still writes the checkpoint
     except cli.USER_ERRORS as e:
         if info.is_main or info.report_own_errors:
             cli.report(prog if info.is_main else f"[rank {info.rank}] {prog}", e)
@@ -145,12 +186,18 @@ def run_rank(work: Callable[[], None], info: DistInfo, prog: str, what: str) -> 
             time.sleep(REPORT_GRACE_S)
         sys.stdout.flush()
         os._exit(cli.EXIT_USAGE)
+    except KeyboardInterrupt as e:
+        if info.is_main:
+            cli.report(prog, f"stopped by SIGINT{f': {e}' if e.args else ''}")
+        sys.stdout.flush()
+        os._exit(cli.EXIT_INTERRUPTED)
     except BaseException:
         sys.stderr.write(f"[rank {info.rank}] {what} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
-    shutdown()
+    if code:
+        sys.exit(code)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -203,9 +250,9 @@ def _host_all_reduce(value: int, op: dist.ReduceOp, info: DistInfo) -> int:
     return int(t.item())
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is True on any rank."""
-    return bool(_host_all_reduce(int(flag), dist.ReduceOp.MAX, info))
+def max_over_ranks(value: int, info: DistInfo) -> int:
+    """The largest ``value`` of all ranks, on every rank."""
+    return _host_all_reduce(value, dist.ReduceOp.MAX, info)
 
 
 def min_over_ranks(value: int, info: DistInfo) -> int:

@@ -4,9 +4,9 @@ No per-step host synchronisation: loss, correct counts and a non-finite-loss mar
 and are read back only every ``print_freq`` steps (and before a checkpoint), so the host keeps queueing work
 ahead of the GPU. Throughput is timed between two synchronised log points.
 
-Preemption: SIGTERM / SIGUSR1 only set a flag (PreemptionFlag); the ranks agree on it every
-``poll_every`` steps and at an epoch's last step (train_one_epoch), and every ``poll_every`` batches of an
-evaluation (evaluate), then save and raise Preempted. A rank acting on the signal alone would leave the
+Preemption: SIGTERM / SIGUSR1, and SIGINT (Ctrl-C), only set a flag (PreemptionFlag); the ranks agree on it
+every ``poll_every`` steps and at an epoch's last step (train_one_epoch), and every ``poll_every`` batches of
+an evaluation (evaluate), then save and raise Preempted. A rank acting on the signal alone would leave the
 others waiting in their next collective.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from fdmobilenet import watchdog
 from fdmobilenet.config import DataConfig, TrainConfig
-from fdmobilenet.distributed import (DistInfo, all_reduce_sum, any_rank, broadcast_buffers, min_over_ranks,
+from fdmobilenet.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, max_over_ranks, min_over_ranks,
                                      set_rng_state)
 
 if TYPE_CHECKING:   # annotations only: state imports this module
@@ -50,25 +50,44 @@ class Preempted(Exception):
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 only set a flag; :meth:`agreed` is the collective that acts on it. Repeats are
-    ignored: SLURM signals every process of the step and torchrun forwards the same signal again
-    milliseconds later, so a worker routinely gets it twice (tests/test_launch_slurm.py). A stuck process is
-    ended by torchrun's --shutdown-timeout, SLURM's KillWait, or SIGINT / SIGKILL."""
+    """SIGTERM / SIGUSR1 (preemption) and SIGINT (Ctrl-C) only set a flag; :meth:`agreed` is the collective
+    that acts on it. Repeats of SIGTERM / SIGUSR1 are ignored: SLURM signals every process of the step and
+    torchrun forwards the same signal again milliseconds later, so a worker routinely gets it twice
+    (tests/test_launch_slurm.py). A stuck process is ended by torchrun's --shutdown-timeout, SLURM's
+    KillWait, or SIGKILL.
+
+    A SIGINT reaches a worker once per Ctrl-C: a terminal signals its foreground process group (one process,
+    or torchrun, whose workers run in sessions of their own) and torchrun forwards it once. So after a
+    SIGINT the next SIGINT - a second Ctrl-C - or SIGTERM - what torchrun sends its workers on a second
+    Ctrl-C - stops the process at once: KeyboardInterrupt wherever it is (a checkpoint being written is left
+    as it was: saves are atomic), and the default action for any signal after that."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # the handlers it installs
 
     def __init__(self, poll_every: int = PREEMPT_POLL_STEPS):
         self.poll_every = poll_every
         self.requested = False
+        self.interrupted = False    # after agreed(): some rank got SIGINT, the user's stop (not a preemption)
+        self._sigint = False        # this rank got SIGINT
         self.signal_name = "signal on another rank"
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self._sigint and signum in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            raise KeyboardInterrupt("a second one, so at once, without a checkpoint (the last one written is "
+                                    "unchanged)")
+        self._sigint = self._sigint or signum == signal.SIGINT
         if not self.requested:
             self.requested, self.signal_name = True, signal.Signals(signum).name
 
     def agreed(self, info: DistInfo) -> bool:
         """True on every rank when any rank got a signal. Every rank must call it at the same point."""
-        return any_rank(self.requested, info)
+        state = max_over_ranks(2 if self._sigint else int(self.requested), info)
+        self.interrupted = state == 2
+        return state > 0
 
 
 # ------------------------------------------------------------------------------------------- speed switches

@@ -26,7 +26,7 @@ import torch
 
 from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights
 from fdmobilenet.cli import UsageError
-from fdmobilenet.config import ExperimentConfig, from_dict
+from fdmobilenet.config import ExperimentConfig, changes, from_dict, to_dict
 from fdmobilenet.cuda_graph import use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.model import FDMobileNet
@@ -60,27 +60,60 @@ def per_rank_batch(cfg: ExperimentConfig, world_size: int) -> int:
 
 
 def checkpoint_to_resume(plan: Plan) -> Optional[dict]:
-    """The checkpoint the run continues from (or evaluates), loaded and checked to fit; None to start fresh."""
+    """The checkpoint the run continues from (or evaluates), loaded and checked to fit; None to start fresh.
+
+    A checkpoint that does not fit this config but would fit the config it was saved with is not a reason to
+    start over: the message says how to continue it (its saved config is what train_ddp.py takes without
+    --config) and, for this config, a new --label - never --fresh, which would destroy the run."""
     cfg, path = plan.config, plan.checkpoint
+    label = cfg.train.label
     if plan.evaluate and not path.is_file():
-        raise UsageError(f"--evaluate: no checkpoint {path} for label '{cfg.train.label}'; give the --label "
-                         f"(and train.output_dir) of a trained run, or score any file with "
+        raise UsageError(f"--evaluate: no checkpoint {path} for label '{label}'; give the --label (and "
+                         f"train.output_dir) of a trained run, or score any file with "
                          f"`python evaluate.py --checkpoint FILE`")
+    if plan.resume and not path.is_file():
+        raise UsageError(f"--resume: no checkpoint {path} for label '{label}'; give the --label (and "
+                         f"train.output_dir) of a trained run, or leave out --resume to start this one")
     if not plan.evaluate and (plan.fresh or not (plan.resume or (cfg.train.auto_resume and path.is_file()))):
         return None
     try:
         ckpt = load_checkpoint(path)
-        load_weights(FDMobileNet(cfg.model.width_mult, num_classes=cfg.data.num_classes), ckpt, str(path))
-    except CheckpointError as e:   # missing (--resume), corrupt, or another model
+    except CheckpointError as e:   # damaged, or not a checkpoint
         if plan.evaluate:
             raise
         raise CheckpointError(f"{e}; to train this config from scratch, start over with --fresh (overwrites "
                               f"{path}) or use a new --label") from None
-    if not plan.evaluate and from_dict(ckpt["config"]).optim.batch_size != cfg.optim.batch_size:
-        raise UsageError(f"{path} was trained with optim.batch_size={ckpt['config']['optim']['batch_size']}; "
-                         f"resuming with {cfg.optim.batch_size} would change the schedule. Keep the batch size "
-                         f"or start over with --fresh")
+    saved = from_dict(ckpt["config"], f"the config stored in {path}") if isinstance(ckpt.get("config"), dict) \
+        else None
+    continue_it = (f"to continue it, keep the values it was saved with (`train_ddp.py --label {label}` without "
+                   f"--config takes its saved config); to train this config, use a new --label")
+    try:
+        load_weights(model_of(cfg), ckpt, str(path))
+    except CheckpointError as e:   # the weights of another model
+        if plan.evaluate:
+            raise
+        if saved is None or not fits(ckpt, saved):   # nothing this project saved loads it (an edited file)
+            raise CheckpointError(f"{e}; to train this config from scratch, start over with --fresh (overwrites "
+                                  f"{path}) or use a new --label") from None
+        shape = [c for c in changes(to_dict(saved), to_dict(cfg)) if c.startswith(("model.", "data.num_classes"))]
+        raise CheckpointError(f"{e} — it was saved with another config ({', '.join(shape)}): {continue_it}") from None
+    if not plan.evaluate and saved is not None and saved.optim.batch_size != cfg.optim.batch_size:
+        raise UsageError(f"{path} was trained with optim.batch_size={saved.optim.batch_size}; resuming with "
+                         f"{cfg.optim.batch_size} would change the schedule: {continue_it}")
     return ckpt
+
+
+def model_of(cfg: ExperimentConfig) -> FDMobileNet:
+    return FDMobileNet(cfg.model.width_mult, num_classes=cfg.data.num_classes)
+
+
+def fits(ckpt: dict, cfg: ExperimentConfig) -> bool:
+    """Whether the checkpoint's weights load into the model ``cfg`` describes."""
+    try:
+        load_weights(model_of(cfg), ckpt, "checkpoint")
+    except CheckpointError:
+        return False
+    return True
 
 
 def nothing_left(ckpt: dict, cfg: ExperimentConfig, path: Path) -> Optional[str]:

@@ -96,6 +96,23 @@ def read_run(config_path: str | Path) -> Run:
                rows=rows, epochs_done=done, step_in_epoch=step)
 
 
+def saved_config(output_dir: str | Path, label: str) -> tuple[str, dict] | None:
+    """The config run ``label`` was saved with, and where it came from: its {label}.config.yaml, else the
+    config stored in its checkpoint; None for a label that has no files in ``output_dir``."""
+    folder = Path(output_dir)
+    config_path = folder / f"{label}{CONFIG_SUFFIX}"
+    if config_path.is_file():
+        raw = read_yaml(config_path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{config_path}: not a run's config (a mapping with run, data, model, ... "
+                              f"sections); remove it, or give --config")
+        return str(config_path), raw
+    ckpt_path = CheckpointSaver(folder, label).path
+    if ckpt_path.is_file() and isinstance(stored := load_checkpoint(ckpt_path).get("config"), dict):
+        return f"the config stored in {ckpt_path}", stored
+    return None
+
+
 def find_runs(*paths: str | Path) -> list[Run]:
     """Every run under ``paths``: a run's {label}.config.yaml, or a folder (each config file in it is a run)."""
     runs = []

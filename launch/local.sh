@@ -10,7 +10,10 @@
 # the next agreed step, print "preempted ... checkpoint saved" and exit 0: run the command again to resume);
 # 2 when the pre-flight (train_ddp.py --check, launch/common.sh) found a mistake: one line, no worker started;
 # 1 when a worker failed, or when torchrun itself was signalled (it re-raises the signal after its workers
-# have checkpointed and exited; the "preempted" line tells the two apart).
+# have checkpointed and exited; the "preempted" line tells the two apart). Ctrl-C is such a signal: the
+# terminal's SIGINT reaches torchrun (not the workers, each in a session of its own), torchrun forwards it
+# once, the workers checkpoint at an agreed step, print "interrupted (SIGINT) ... checkpoint saved ..." and
+# exit 130, then torchrun exits 1 with its own traceback; a second Ctrl-C stops the workers at once.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from typing import Iterator
 
 import torch
@@ -77,6 +78,13 @@ class CheckedImageFolder(ImageFolder):
         return self._checked
 
 
+def ignore_sigint(worker_id: int) -> None:
+    """A DataLoader worker's start: a Ctrl-C in a terminal reaches the workers too, and the trainer decides what
+    it does (a checkpoint at a step the ranks agree on); a worker left to torch's default would end at once and
+    fail the next batch. The workers end with their process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TorchvisionLoader(BatchLoader):
     """ImageFolder + DistributedSampler (rank, world_size; reshuffled by ``set_epoch``) + DataLoader with
     ``data.num_threads`` persistent workers. Train drops the last partial batch; val keeps it, and its
@@ -100,7 +108,7 @@ class TorchvisionLoader(BatchLoader):
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=self.train,
                                   num_workers=data.num_threads, persistent_workers=data.num_threads > 0,
                                   pin_memory=device.type == "cuda",
-                                  generator=None if self.train else torch.Generator(),
+                                  generator=None if self.train else torch.Generator(), worker_init_fn=ignore_sigint,
                                   prefetch_factor=data.prefetch_queue_depth if data.num_threads > 0 else None)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(data.mean, device=device).view(shape) * 255

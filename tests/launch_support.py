@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,13 @@ def run_words(digits: Path, out: Path, label: str, *extra: str, steps: int = 4, 
             "data.val_resize=36", "data.val_crop=32", f"optim.batch_size={batch}", "optim.epochs=1",
             f"train.steps_per_epoch={steps}", "train.print_freq=1", f"train.output_dir={out}",
             "train.plot=false", *extra]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (a rendezvous endpoint; other jobs on the machine use theirs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env(faults: dict | None = None, **extra: str) -> dict:

@@ -173,6 +173,33 @@ def test_checkpoint_of_another_width(digits, good_checkpoint, tmp_path):
     assert sha256(tmp_path / "run.pth.tar") == before
 
 
+def test_resume_by_label_takes_the_config_it_was_saved_with_and_never_suggests_fresh_for_it(digits, tmp_path):
+    """`train_ddp.py --label L --resume` without --config continues L with the config it was saved with
+    (its {label}.config.yaml), says so, and takes the overrides on top. With a --config whose model does
+    not fit L's checkpoint, the one line says how to continue L (and to give this config a new label),
+    not --fresh, which would destroy it; the checkpoint stays as it was."""
+    assert train(digits, tmp_path, "mine").returncode == 0
+    saved = tmp_path / "mine.config.yaml"
+    p = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), "--label", "mine", "--resume",
+                        f"train.output_dir={tmp_path}", "optim.epochs=2"], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith(f"config: {saved}, what run 'mine' was saved with (no --config given); on top: "
+                               f"train.output_dir={tmp_path} optim.epochs=2\n"), p.stdout
+    assert f"resumed from {tmp_path / 'mine.pth.tar'}: epoch 2 step 0, global step {STEPS}" in p.stdout
+    assert "  with a config that differs from the one it was saved with: optim.epochs 1 -> 2\n" in p.stdout
+    assert f"epoch 2/2 step {STEPS}/{STEPS}" in p.stdout and "FD-MobileNet 0.25x" in p.stdout
+    assert load_checkpoint(tmp_path / "mine.pth.tar")["global_step"] == 2 * STEPS
+
+    before = sha256(tmp_path / "mine.pth.tar")
+    p = train(digits, tmp_path, "mine", "optim.epochs=3", "model.width_mult=0.5")
+    line = assert_user_error(p, f"checkpoint {tmp_path / 'mine.pth.tar'} does not fit the model",
+                             "— it was saved with another config (model.width_mult 0.25 -> 0.5)",
+                             "to continue it, keep the values it was saved with (`train_ddp.py --label mine` "
+                             "without --config takes its saved config); to train this config, use a new --label")
+    assert "--fresh" not in line and sha256(tmp_path / "mine.pth.tar") == before
+
+
 def test_truncated_checkpoint(digits, good_checkpoint, tmp_path):
     data = good_checkpoint.read_bytes()
     (tmp_path / "run.pth.tar").write_bytes(data[: len(data) // 2])
@@ -252,7 +279,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(digits, good_check
     (["--data", "imagenet-agressive"], ["config file not found: imagenet-agressive", "nearest names: imagenet-aggressive"]),
     (["train.compile=false"], ["key 'train.compile': expected one of auto, on, off, got False"]),
     (["--evaluate"], ["--evaluate: no checkpoint", "never-trained.pth.tar", "evaluate.py --checkpoint FILE"]),
-    (["--resume"], ["checkpoint", "never-trained.pth.tar not found", "start over with --fresh"]),
+    (["--resume"], ["--resume: no checkpoint", "never-trained.pth.tar for label 'never-trained'",
+                    "leave out --resume to start this one"]),
     (["train.cuda_graphs=on"], ["train.cuda_graphs=on: this run is on the cpu, and CUDA graphs need a GPU. "
                                 "Use train.cuda_graphs=auto or off"]),
     (["--check", "--world-size", "2", "train.cuda_graphs=on"],     # the launchers' pre-flight, before any rank

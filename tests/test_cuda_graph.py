@@ -213,7 +213,7 @@ def test_the_loop_trains_with_the_graphed_step_checkpoints_and_resumes_like_eage
     checkpoint every 4 global steps: the same weights, momentum, EMA and lr as the eager loop, bitwise. Then
     its last step checkpoint resumed eagerly, and the eager one resumed graphed (a warm-up step, then a
     capture and a replay): each continues to the same end state."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {sig: signal.getsignal(sig) for sig in PreemptionFlag.SIGNALS}
     try:
         preempt = PreemptionFlag()
         train = TrainConfig(print_freq=2, save_every_steps=4)

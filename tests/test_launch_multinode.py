@@ -7,15 +7,23 @@ Why the two runs must agree: the global batch (16) and the world size (4) are th
 2*node_rank + local_rank, and rank r reads shard r of the data with the DALI seed of rank r), DDP starts
 every rank from rank 0's weights and averages the same four gradients, and BatchNorm statistics are per rank
 (the same 4-image batches) with DDP broadcasting rank 0's buffers. Only the order of the floating-point
-additions inside the all-reduce could differ, hence a float tolerance rather than equality.
+additions inside the all-reduce could differ, hence a float tolerance rather than equality (over 6 steps:
+with BatchNorm on 4 images per rank, those differences grow chaotically over a few dozen steps).
+
+A kill -9 of one worker after a step checkpoint makes torchrun restart every worker on both nodes
+(MAX_RESTARTS), and the job continues from that checkpoint and finishes.
 """
 from __future__ import annotations
 
-import socket
+import os
+import re
+import signal
+import time
 
 import pytest
 
-from launch_support import LAUNCH, assert_same_training, build_digits, kill_group, run, run_words, start, tail
+from launch_support import (LAUNCH, assert_same_training, build_digits, children, free_port, global_steps,
+                            kill_group, run, run_words, start, tail)
 
 STEPS = 6
 pytestmark = pytest.mark.slow
@@ -24,12 +32,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_of_two_equal_one_node_of_four(digits, tmp_path):
@@ -54,6 +56,39 @@ def test_two_nodes_of_two_equal_one_node_of_four(digits, tmp_path):
     assert rc == 0 and "4 rank(s) on cpu, batch 4/rank = 16 global" in text, text[-3000:]
 
     assert_same_training(tmp_path / "two-nodes.pth.tar", tmp_path / "one-node.pth.tar", STEPS)
+
+
+def test_kill_9_of_a_worker_restarts_both_nodes_from_the_last_step_checkpoint(digits, tmp_path):
+    steps, save_every = 40, 4
+    words = run_words(digits, tmp_path, "restart", f"train.save_every_steps={save_every}", steps=steps)
+    endpoint, logs = f"127.0.0.1:{free_port()}", [tmp_path / f"node{i}.log" for i in (0, 1)]
+    nodes = [start([str(LAUNCH / "multinode.sh"), "--nnodes", "2", "--endpoint", endpoint, "--job-id",
+                    "test-restart", "--nproc-per-node", "2", "--", *words], logs[i], MAX_RESTARTS="1")
+             for i in (0, 1)]
+    try:
+        # rank 0's node logs the steps (either node may be that one): kill once a step checkpoint is written
+        deadline = time.monotonic() + 180
+        while max([0, *global_steps("".join(log.read_text(errors="replace") for log in logs if log.exists()),
+                                    steps)]) < 2 * save_every + 1:
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+                f"no step {2 * save_every + 1} logged\n{tail(logs[0])}\n{tail(logs[1])}"
+            time.sleep(0.1)
+        workers = children(nodes[1].pid)       # multinode.sh execs torchrun: its children are the node's workers
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        codes = [n.wait(timeout=180) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                kill_group(n)
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], f"exit codes {codes}\n{tail(logs[0])}\n{tail(logs[1])}"
+    text = next(t for t in texts if "resumed from" in t)   # rank 0's node after the restart
+    before, _, after = text.partition("resumed from")
+    resumed_at = int(re.match(r" \S+: epoch 1 step (\d+)", after).group(1))
+    assert resumed_at % save_every == 0 and resumed_at >= 2 * save_every, text[-3000:]
+    assert global_steps(after, steps) == list(range(resumed_at + 1, steps + 1)) and "done: best val top-1" in after
+    assert "warning: torchrun" not in "".join(texts)    # multinode.sh opts out of torchrun's shared store
 
 
 def test_a_batch_the_world_cannot_share_is_refused_before_the_rendezvous(digits, tmp_path):

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import signal
+import time
 
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
 import loader_support
+from launch_support import children
 from loader_support import epoch_labels
 from pipelines import DataError, build_loader
 from pipelines.synthetic import SyntheticLoader
@@ -39,6 +43,20 @@ def test_torchvision_batches_follow_the_interface(photo_root, train_crop, jitter
     val = build_loader(data, "val", 4, device=CPU)
     assert [images.shape[0] for images, _ in val] == [4, 3] and val.num_samples == 7
     assert epoch_labels(val, 0) == ImageFolder(str(photo_root / "val")).targets
+
+
+def test_a_ctrl_c_leaves_the_torchvision_workers_running(photo_root):
+    """A terminal's Ctrl-C reaches the DataLoader's worker processes too (the trainer's process group): the
+    trainer acts on it at a step the ranks agree on, so the workers ignore it and the batches keep coming."""
+    before = set(children(os.getpid()))
+    train = build_loader(small(photo_root, 3), "train", 4, device=CPU)   # one persistent worker process
+    assert len(list(train)) == 2
+    workers = set(children(os.getpid())) - before
+    assert len(workers) == 1, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert len(list(train)) == 2 and workers <= set(children(os.getpid()))
 
 
 def test_torchvision_val_two_ranks_count_every_image_exactly_once(unique_root):

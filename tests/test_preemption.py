@@ -1,6 +1,8 @@
 """Preemption: SIGTERM / SIGUSR1 mid-epoch -> every rank stops at the next agreed step boundary, rank 0 writes
 a checkpoint that records the step, the processes exit cleanly; the next run of the same command resumes at
-that step. Real torchrun (launch/local.sh), real gloo, real DALI on real JPEGs.
+that step. Real torchrun (launch/local.sh), real gloo, real DALI on real JPEGs. Ctrl-C (SIGINT to the process
+group, as a terminal sends it) does the same, in one process and under launch/local.sh, and exits 130; a
+second Ctrl-C stops at once and leaves the last checkpoint as it was.
 
 Exit codes (documented in the README): the workers exit 0 after a preemption checkpoint. torchrun itself, when
 it was signalled too (SLURM signals every process of the step; the test signals the whole process group),
@@ -13,14 +15,15 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
 import torch
 
 from fdmobilenet.checkpoint import load_checkpoint
-from launch_support import LAUNCH, assert_same_state, build_digits, children, global_steps, kill_group, run, \
-    run_words, start, tail, wait_for, worker_ranks
+from launch_support import LAUNCH, REPO, assert_same_state, build_digits, children, global_steps, kill_group, run, \
+    run_words, sha256, start, tail, wait_for, worker_ranks
 
 STEPS = 80   # a long enough epoch that the signal lands mid-epoch (the ranks poll the flag every 10 steps)
 pytestmark = pytest.mark.slow
@@ -31,12 +34,17 @@ def digits(tmp_path_factory):
     return build_digits(tmp_path_factory.mktemp("digits"))
 
 
-def signal_mid_epoch(digits, tmp_path, label: str, send, *extra: str) -> tuple[int, float, str]:
-    """Start a 2-rank run, wait until it trains, call ``send(proc)``; returns (exit code, seconds from the
-    signal to the end of the job, log)."""
+LOCAL = [str(LAUNCH / "local.sh")]                   # 2 ranks under torchrun
+# the same arithmetic in every run (deterministic kernels, one DALI thread), with an EMA: exact resumes
+EXACT = ["train.deterministic=true", "data.num_threads=1", "optim.ema_decay=0.9"]
+ONE_PROCESS = [sys.executable, str(REPO / "train_ddp.py")]
+
+
+def signal_mid_epoch(digits, tmp_path, label: str, send, *extra: str, launcher=LOCAL) -> tuple[int, float, str]:
+    """Start a run (``launcher``: 2 ranks through launch/local.sh, or one process), wait until it trains, call
+    ``send(proc)``; returns (exit code, seconds from the signal to the end of the job, log)."""
     log = tmp_path / f"{label}.log"
-    p = start([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, label, *extra, steps=STEPS)], log,
-              NPROC_PER_NODE="2")
+    p = start([*launcher, *run_words(digits, tmp_path, label, *extra, steps=STEPS)], log, NPROC_PER_NODE="2")
     try:
         wait_for(log, r"epoch 1/1 step 3/", 120, p)
         sent = time.monotonic()
@@ -48,8 +56,8 @@ def signal_mid_epoch(digits, tmp_path, label: str, send, *extra: str) -> tuple[i
             kill_group(p)
 
 
-def assert_preempted_checkpoint(text: str, tmp_path, label: str, signame: str) -> int:
-    m = re.search(rf"preempted \({signame}\) at epoch 1 step (\d+), checkpoint saved to (\S+)", text)
+def assert_preempted_checkpoint(text: str, tmp_path, label: str, signame: str, stop: str = "preempted") -> int:
+    m = re.search(rf"{stop} \({signame}\) at epoch 1 step (\d+), checkpoint saved to ([^\s;]+)", text)
     assert m, f"no preemption line for {signame}; log:\n{text[-3000:]}"
     step = int(m.group(1))
     assert 3 <= step < STEPS and m.group(2) == str(tmp_path / f"{label}.pth.tar")
@@ -98,27 +106,80 @@ def test_sigusr1_to_one_worker_stops_both_at_one_step_and_the_resumed_run_ends_a
     rank's reader state there says how far that rank got), and torchrun ends with 0. The same command then
     finishes the epoch, to the uninterrupted run's weights, EMA and optimizer state exactly: deterministic
     kernels and one DALI thread make both runs the same arithmetic."""
-    exact = ["train.deterministic=true", "data.num_threads=1", "optim.ema_decay=0.9"]
 
     def to_rank_1(p):
         ranks = worker_ranks(p.pid)
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[1], signal.SIGUSR1)
-    rc, seconds, text = signal_mid_epoch(digits, tmp_path, "one", to_rank_1, *exact)
+    rc, seconds, text = signal_mid_epoch(digits, tmp_path, "one", to_rank_1, *EXACT)
     assert rc == 0 and seconds < 60, tail(tmp_path / "one.log")
     step = assert_preempted_checkpoint(text, tmp_path, "one", "signal on another rank")
     ck = load_checkpoint(tmp_path / "one.pth.tar")
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert [state["steps_done"] for state in ck["loader"]] == [step, step]    # both ranks stopped there
 
-    words = run_words(digits, tmp_path, "one", *exact, steps=STEPS)
+    words = run_words(digits, tmp_path, "one", *EXACT, steps=STEPS)
     rc, text = run([str(LAUNCH / "local.sh"), *words], tmp_path / "one-resume.log", timeout=180, NPROC_PER_NODE="2")
     assert rc == 0 and f"epoch 1 step {step}, global step {step}" in text, text[-3000:]
     assert global_steps(text, STEPS) == list(range(step + 1, STEPS + 1))
-    rc, text = run([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, "straight", *exact, steps=STEPS)],
+    rc, text = run([str(LAUNCH / "local.sh"), *run_words(digits, tmp_path, "straight", *EXACT, steps=STEPS)],
                    tmp_path / "straight.log", timeout=180, NPROC_PER_NODE="2")
     assert rc == 0, text[-3000:]
     assert_same_state(tmp_path / "straight.pth.tar", tmp_path / "one.pth.tar")
+
+
+def test_ctrl_c_in_one_process_saves_at_a_step_a_second_one_stops_at_once_and_the_resume_is_exact(digits, tmp_path):
+    """One plain process, Ctrl-C as a terminal sends it (SIGINT to the process group: the trainer, its
+    watchdog process): it saves at the next agreed step, says so in one line and exits 130. Run again, it
+    resumes; a Ctrl-C and a second one while that checkpoint is being written (a slow filesystem) stop it at
+    once, the file left as it was. Run again, it ends in the uninterrupted run's state exactly."""
+    ckpt = tmp_path / "ctrl-c.pth.tar"
+    rc, seconds, text = signal_mid_epoch(digits, tmp_path, "ctrl-c", lambda p: os.killpg(p.pid, signal.SIGINT),
+                                         *EXACT, launcher=ONE_PROCESS)
+    assert rc == 130 and seconds < 60, text[-3000:]
+    step = assert_preempted_checkpoint(text, tmp_path, "ctrl-c", "SIGINT", stop="interrupted")
+    assert text.rstrip().endswith(f"interrupted (SIGINT) at epoch 1 step {step}, checkpoint saved to {ckpt}; the "
+                                  f"same command continues from there"), text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+    saved, log = sha256(ckpt), tmp_path / "twice.log"
+    p = start([*ONE_PROCESS, *run_words(digits, tmp_path, "ctrl-c", *EXACT, steps=STEPS)], log,
+              faults={"slow_save_s": 60})
+    try:
+        wait_for(log, rf"epoch 1/1 step {step + 2}/", 120, p)
+        os.killpg(p.pid, signal.SIGINT)
+        wait_for(log, r"fault plugin: slow checkpoint write", 60, p)
+        os.killpg(p.pid, signal.SIGINT)
+        rc = p.wait(timeout=10)             # not the 60 s of the write
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+    text = log.read_text(errors="replace")
+    assert rc == 130 and text.rstrip().endswith(
+        "train_ddp.py: stopped by SIGINT: a second one, so at once, without a checkpoint (the last one written is "
+        "unchanged)"), text[-3000:]
+    assert "Traceback" not in text and sha256(ckpt) == saved and sorted(tmp_path.glob(".ctrl-c*")) == []
+
+    rc, text = run([*ONE_PROCESS, *run_words(digits, tmp_path, "ctrl-c", *EXACT, steps=STEPS)],
+                   tmp_path / "resume.log", timeout=180)
+    assert rc == 0 and f"resumed from {ckpt}: epoch 1 step {step}, global step {step}" in text, text[-3000:]
+    assert global_steps(text, STEPS) == list(range(step + 1, STEPS + 1))
+    rc, text = run([*ONE_PROCESS, *run_words(digits, tmp_path, "straight", *EXACT, steps=STEPS)],
+                   tmp_path / "straight.log", timeout=180)
+    assert rc == 0, text[-3000:]
+    assert_same_state(tmp_path / "straight.pth.tar", ckpt)
+
+
+def test_ctrl_c_under_local_sh_checkpoints_once_without_a_worker_traceback(digits, tmp_path):
+    """Ctrl-C to launch/local.sh as a terminal sends it: SIGINT to the foreground process group, which holds
+    torchrun (local.sh execs it) but not the workers (torchrun starts each in a session of its own); torchrun
+    forwards it to each worker once. The workers save at one agreed step and exit 130; torchrun, signalled
+    itself, then exits 1 with its own SignalException (as for SIGTERM, above) - the one traceback left."""
+    rc, seconds, text = signal_mid_epoch(digits, tmp_path, "int", lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert seconds < 60, text[-3000:]
+    assert_preempted_checkpoint(text, tmp_path, "int", "SIGINT", stop="interrupted")
+    assert text.count("interrupted (SIGINT)") == 1 and "training failed" not in text and "KeyboardInterrupt" not in text
+    assert rc == 1 and text.count("Traceback") == 1 and "SignalException: Process" in text, text[-3000:]
 
 
 # ------------------------------------------------------------------------------------ during an evaluation

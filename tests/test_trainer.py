@@ -219,11 +219,11 @@ def test_run_logger_files_and_resume_truncation(tmp_path):
 # ------------------------------------------------------------------------------------- run state, checkpoints
 @pytest.fixture
 def preempt():
-    """A PreemptionFlag, with this process's SIGTERM / SIGUSR1 handlers put back afterwards."""
+    """A PreemptionFlag, with this process's SIGTERM / SIGUSR1 / SIGINT handlers put back afterwards."""
     import signal
 
     from fdmobilenet.engine import PreemptionFlag
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {sig: signal.getsignal(sig) for sig in PreemptionFlag.SIGNALS}
     yield PreemptionFlag()
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
