@@ -8,7 +8,8 @@ capability hits exactly that on an H100: every image then goes to the CUDA decod
 rate, and nothing fails. Two checks make it visible:
 
 * :func:`probe`: the same two nvJPEG calls, through ctypes on the libnvjpeg that nvImageCodec loads
-  (``nvidia/nvjpeg/lib`` beside ``nvidia/nvimgcodec``, its extension's RUNPATH), before DALI starts.
+  (``nvidia/nvjpeg/lib`` or, for the CUDA 13 wheels, ``nvidia/cu13/lib``, beside ``nvidia/nvimgcodec``: its
+  extension's RUNPATH), before DALI starts.
 * :class:`JpegEngineSampler`: NVML's ``nvmlDeviceGetJpgUtilization`` (the share of time the JPEG engines were
   busy over the driver's sampling period) polled in a thread while DALI decodes, through ctypes on the
   driver's libnvidia-ml.
@@ -52,9 +53,12 @@ def nvjpeg_status(code: int) -> str:
 
 
 def nvjpeg_library() -> tuple[Optional[ctypes.CDLL], str]:
-    """(the libnvjpeg nvImageCodec loads, its path) or (None, why not)."""
+    """(the libnvjpeg nvImageCodec loads - the RUNPATH of its JPEG extension - and its path) or (None, why
+    not)."""
     candidates = []
-    for package, relative in (("nvidia.nvimgcodec", "../nvjpeg/lib"), ("nvidia.nvjpeg", "lib")):
+    # nvImageCodec's JPEG extension looks in ../../nvjpeg/lib (CUDA 12 wheels) and ../../cu13/lib (CUDA 13)
+    for package, relative in (("nvidia.nvimgcodec", "../nvjpeg/lib"), ("nvidia.nvimgcodec", "../cu13/lib"),
+                              ("nvidia.nvjpeg", "lib")):
         try:
             spec = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -67,7 +71,8 @@ def nvjpeg_library() -> tuple[Optional[ctypes.CDLL], str]:
             return ctypes.CDLL(name), name
         except OSError as e:
             tried.append(f"{name}: {e}")
-    return None, "libnvjpeg not found (nvidia-nvjpeg-cu12, installed with DALI's nvImageCodec): " + "; ".join(tried)
+    return None, "libnvjpeg not found (nvidia-nvjpeg-cu12 / nvidia-nvjpeg, installed with DALI's nvImageCodec): " + \
+        "; ".join(tried)
 
 
 def cuda_device() -> tuple[Optional[str], Optional[tuple[int, int]], str]:
