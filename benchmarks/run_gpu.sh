@@ -14,17 +14,18 @@
 # batch 512, the eager / channels_last / bf16 / reduce-overhead variants, torch.profiler, train_ddp.py under
 # torchrun, pytest -m gpu and the digits demo. A step may use what the steps before it left unused, never
 # what the steps after it reserve; one that runs out is killed (timeout) and one with under 5 s left is
-# skipped; the next still runs. To add a step: its name:budget in STEPS (in order; the budgets add up to
-# TOTAL_S), a line in describe(), a `step NAME command...` line below, and its JSON in collect_results.py.
+# skipped; the next still runs. To add a step: its name:budget in HEADLINE or REST (in order; the budgets
+# add up to TOTAL_S), a line in describe(), a `step NAME command...` line below in the same order, and its
+# JSON in collect_results.py (the pre-resized rows have their place marked at the start of REST).
 #
 # Rows: every row reaches DIR/results.json and DIR/results.md the moment it is measured - the step scripts
 # rewrite their JSON after each row (train_throughput.py), round (pipeline_throughput.py), trace
 # (profile_step.py) or log window (train_steps.py), and a watcher re-collects within a second of any change -
 # so a box cut anywhere keeps everything measured before the cut.
 # Compile once: every process shares one inductor cache (TORCHINDUCTOR_CACHE_DIR, with the FX-graph and
-# AOTAutograd caches on; under BENCH_WORK, so a rerun on the same host reuses it); the benchmarks compile with
-# dynamic=False and make dynamo's recompile limit an error (train_throughput.py); results.md reports graphs
-# compiled, cache hits, graphs compiled inside timed windows and any "hit config.recompile_limit" in a log.
+# AOTAutograd caches on; under BENCH_WORK, so a rerun on the same host reuses it); the benchmark scripts compile
+# with dynamic=False and make dynamo's recompile limit an error (train_throughput.py); results.md reports graphs
+# compiled, cache hits, graphs compiled inside timed windows and any step's "hit config.recompile_limit".
 # DIR gets results.json, results.md, log.txt, throughput.png, trace_ceiling.json.gz, trace_e2e_dali.json.gz.
 # Exit code: 0 when every step that ran passed. --commit SHA: the commit of the tree, recorded with every
 # number (a copied tree has no .git to ask). Needs python3 with torch + torchvision (or $PYTHON), pytest,
@@ -77,7 +78,7 @@ while [[ $# -gt 0 ]]; do
     --only=*) ONLY="${1#--only=}"; shift ;;
     --cpu) CPU=1; shift ;;
     --plan) PLAN=1; shift ;;
-    -h|--help) sed -n '2,59p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,60p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (expected --out DIR [--commit SHA] [--cpu] [--from STEP |" \
             "--only STEP,...] | --plan [--cpu])" >&2
        exit 2 ;;
@@ -272,7 +273,7 @@ collect() {
 # gpu tests' output (the only files collect_results.py reads while the box runs).
 watch_rows() {
   local seen="" now
-  while :; do
+  while kill -0 "$$" 2>/dev/null; do   # ends with the box, however the box ends
     now=$(stat -c '%n %i %s %Y' "$WORK"/*.json "$WORK"/steps.jsonl "$WORK"/gpu_*.log 2>/dev/null)
     if [[ $now != "$seen" ]]; then seen=$now; collect; fi
     sleep 1
