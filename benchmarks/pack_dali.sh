@@ -6,16 +6,22 @@
 #
 #   bash benchmarks/pack_dali.sh .dali          # from the repo's root; .dali/ is git-ignored
 #
-# Env: PART_MB=62      the largest part in MiB: an upload carries <= 64 MiB, the repo's own files included
-#                      (the script refuses parts that leave no room for the tree that travels with them)
+# Parts: as few as the upload limit allows - each part, its SHA256SUMS and the repo's own files (what git
+# would send: tracked and untracked, not ignored; measured here at pack time) within 64 MiB.
+#
+# Env: CUDA=12         DALI's CUDA 12 build (the one measured on the GPU host, benchmarks/RESULTS.md), or 13:
+#                      the CUDA 13 build, half the size (the host's torch is cu130, its driver 580 runs CUDA
+#                      13), not yet run on the host
+#      PART_MB=N       parts of at most N MiB even where the limit allows more
 #      WHEELS=DIR      keep the downloaded wheels there and reuse them (default: a temporary folder)
 #      KEEP_PY="311"   also keep the extension modules for these CPython versions (tests on this machine)
 #      XZ_OPTS="..."   compression options (default: -T0 --x86 --lzma2=preset=9)
 #
-# What travels: nvidia-dali-cuda120 2.4.0, nvidia-nvimgcodec-cu12 0.9.0.20, nvidia-nvjpeg-cu12 12.4.0.76,
-# astunparse, gast, makefun and the cp312 wheel of optree. The host image has numpy, six, packaging, pyyaml,
-# typing-extensions. What is left out, and why it is safe for this project (JPEGs through fn.readers.file or
-# fn.readers.webdataset, fn.decoders.image / image_random_crop on 'cpu' or 'mixed'):
+# What travels: nvidia-dali-cuda120 2.4.0, nvidia-nvimgcodec-cu12 0.9.0.20, nvidia-nvjpeg-cu12 12.4.0.76 (CUDA=13:
+# nvidia-dali-cuda130, nvidia-nvimgcodec-cu13, nvidia-nvjpeg 13.0), astunparse, gast, makefun and the cp312 wheel
+# of optree. The host image has numpy, six, packaging, pyyaml, typing-extensions. What is left out, and why it
+# is safe for this project (JPEGs through fn.readers.file or fn.readers.webdataset, fn.decoders.image /
+# image_random_crop on 'cpu' or 'mixed'):
 # * the TIFF and JPEG 2000 codecs: nvImageCodec's nvjpeg2k, nvtiff and libtiff extensions with the libraries
 #   they dlopen (nvjpeg2k, nvtiff, and libnvcomp, which only libnvtiff loads). nvImageCodec registers the
 #   extensions it finds in its extensions folder; JPEG goes to libnvjpeg_ext (GPU) and libjpeg_turbo_ext
@@ -23,6 +29,8 @@
 #   (readelf -d); only these extensions name them.
 # * libcst and nvtx: imported only by DALI's experimental dynamic mode (nvidia.dali.experimental.dynamic)
 #   and the experimental torch proxy, neither of which the project imports.
+# * nvImageCodec's own Python binding (nvimgcodec_impl): DALI loads the C library libnvimgcodec.so.0 (its
+#   RUNPATH) and never imports nvidia.nvimgcodec.
 # * symbol tables (.symtab/.strtab) of the shared libraries (strip --strip-unneeded): the dynamic linker and
 #   the CUDA runtime use .dynsym and the allocated sections (the fatbins among them), which stay.
 # * extension modules for other Pythons, C headers, cmake files, the wheels' scripts (as the device kit did).
@@ -32,7 +40,6 @@ set -euo pipefail
 out=${1:?usage: pack_dali.sh OUTDIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-part_mb=${PART_MB:-62}
 pys="312 ${KEEP_PY:-}"
 start=$SECONDS
 work=$(mktemp -d "${TMPDIR:-/tmp}/dali-pack.XXXXXX")
@@ -44,11 +51,8 @@ stage=$work/stage
 # the bytes of the repo that travel with every upload: what git would list (tracked + untracked, not ignored)
 tree_bytes=$(cd "$repo" && git ls-files -co --exclude-standard -z 2>/dev/null | du -cb --files0-from=- | tail -1 |
              cut -f1 || echo 0)
-if (( part_mb * 1048576 + tree_bytes + 65536 > 64 * 1048576 )); then
-  echo "pack_dali.sh: parts of $part_mb MiB + the repo's $((tree_bytes / 1024)) KiB exceed an upload's 64 MiB;" \
-       "set PART_MB lower" >&2
-  exit 2
-fi
+max=$(( 64 * 1048576 - tree_bytes - 65536 ))   # 64 KiB: SHA256SUMS and the upload's own bookkeeping
+if [[ -n ${PART_MB:-} ]] && (( PART_MB * 1048576 < max )); then max=$(( PART_MB * 1048576 )); fi
 
 # Pinned, from DALI's METADATA (nvjpeg for CUDA 13: the newest 13.0 release, the host's CUDA 13.0).
 case ${CUDA:-12} in
@@ -97,7 +101,7 @@ other=$(find . -name '*.cpython-*.so' | grep -Ev "$keep" || true)
 echo "  $(echo "$other" | grep -c . || true) extension modules for other Pythons"
 echo "$other" | xargs -r rm -f
 rm -rf ./*.data nvidia/*/include rec2idx.py wds2idx.py
-rm -f nvidia/nvimgcodec/extensions/lib{nvjpeg2k,nvtiff,tiff}_ext.so*
+rm -f nvidia/nvimgcodec/extensions/lib{nvjpeg2k,nvtiff,tiff}_ext.so* nvidia/nvimgcodec/nvimgcodec_impl.*.so
 # nvimgcodec's wheel ships an empty nvidia/__init__.py that would hide the host's other nvidia/* packages
 # (torch's CUDA wheels): pkgutil.extend_path merges this tree's nvidia/ with site-packages' nvidia/.
 echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" > nvidia/__init__.py
@@ -111,9 +115,8 @@ echo "  stripped symbol tables: $(( (before - $(du -sb . | cut -f1)) / 1048576 )
 echo "== tar | xz (a few minutes)"
 tar -C "$stage" --sort=name --owner=0 --group=0 --numeric-owner -cf - . \
   | xz ${XZ_OPTS:--T0 --x86 --lzma2=preset=9} > "$work/dali.tar.xz"
-# as few parts as PART_MB allows, of even size; each in its own upload folder with the checksums
+# as few parts as fit, of even size; each in its own upload folder with the checksums
 total=$(stat -c %s "$work/dali.tar.xz")
-max=$((part_mb * 1048576))
 n=$(( (total + max - 1) / max ))
 rm -rf "$out"/[0-9][0-9]
 split -b $(( (total + n - 1) / n )) -d -a 2 "$work/dali.tar.xz" "$work/dali.tar.xz.part-"
@@ -125,5 +128,6 @@ done
 cd "$out"
 ls -l [0-9][0-9]/dali.tar.xz.part-* | awk '{n++; s+=$5; printf "  %s %10d (%.1f MiB)\n", $9, $5, $5/1048576}
   END {printf "%d parts, %.1f MiB in all\n", n, s/1048576}'
-echo "repo files that travel with each upload: $((tree_bytes / 1024)) KiB"
+echo "repo files that travel with each upload: $((tree_bytes / 1024)) KiB; largest part allowed:" \
+     "$(( max / 1024 )) KiB"
 echo "done in $((SECONDS - start)) s -> $out (one device call per folder $out/NN, in order)"

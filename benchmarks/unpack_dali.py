@@ -23,10 +23,6 @@ import sys
 import tarfile
 import time
 
-# what the pack adds under nvidia/ (pack_dali.sh; the four-part kit also has nvjpeg2k, nvtiff, libnvcomp)
-NVIDIA_DIRS = ("dali", "nvimgcodec", "nvjpeg", "nvjpeg2k", "nvtiff", "libnvcomp")
-
-
 class Concat(io.RawIOBase):
     """The parts, read one after another as a single stream."""
 
@@ -80,18 +76,19 @@ def extract(paths: list[str], target: str) -> None:
     mine = os.path.join(target, "nvidia")
     if mine not in ns and ns:
         # another `nvidia` package (a regular one, without pkgutil.extend_path) is found before ours: move our
-        # folders into it instead (root on the GPU host)
+        # files into it instead (root on the GPU host), file by file, so that a folder both have (cu13/lib,
+        # torch's CUDA 13 libraries and the pack's libnvjpeg) gets the pack's files beside its own
         dest = ns[0]
-        print(f"{mine} is shadowed by {dest}; moving DALI's folders there:")
-        for d in NVIDIA_DIRS:
-            src, dst = os.path.join(mine, d), os.path.join(dest, d)
-            if not os.path.isdir(src):
-                continue
-            if os.path.exists(dst):
-                print(f"  {dst} exists already, kept as is")
-                continue
-            shutil.move(src, dst)
-            print(f"  {src} -> {dst}")
+        print(f"{mine} is shadowed by {dest}; moving DALI's files there")
+        for folder, _, files in os.walk(mine):
+            for name in files:
+                src = os.path.join(folder, name)
+                dst = os.path.join(dest, os.path.relpath(src, mine))
+                if os.path.exists(dst):
+                    print(f"  {dst} exists already, kept as is")
+                    continue
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.move(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:
