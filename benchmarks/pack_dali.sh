@@ -4,7 +4,7 @@
 # benchmarks/unpack_dali.py puts the parts back together there; benchmarks/run_gpu.sh's header gives the
 # device calls that carry them.
 #
-#   bash benchmarks/pack_dali.sh .dali          # from the repo's root; .dali/ is git-ignored
+#   bash benchmarks/pack_dali.sh .dali          # from the repo's root; .dali/ is git-ignored; CUDA=13 for 3 parts
 #
 # Parts: as few as the upload limit allows - each part, its SHA256SUMS and the repo's own files (what git
 # would send: tracked and untracked, not ignored; measured here at pack time) within 64 MiB.

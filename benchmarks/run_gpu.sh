@@ -35,29 +35,31 @@
 # One GPU host, offline, 15 minutes of device time for everything (each start, transfer, command and idle
 # minute counts); an upload carries <= 64 MiB, the repo's own ~0.9 MiB included; an idle host is recycled
 # after a short while, and its /tmp with it. From the repo's root here:
-#   0. Once:  bash benchmarks/pack_dali.sh .dali    (3 folders .dali/00..02, a part of <= 62 MiB + SHA256SUMS
-#      each; .dali/ is git-ignored; ~5 min on 2 cores). Commit; SHA = git rev-parse HEAD.
-#   1. run carry=[".dali/00"] timeout_s=120, command:
-#        mkdir -p /tmp/dali-parts && mv .dali/00/* /tmp/dali-parts/ && python3 benchmarks/unpack_dali.py
-#      It ends with exit 3 and "1/3 parts ...".
-#   2. At once, the same with ".dali/01": exit 3, "2/3 parts ...". If it lists 00 as missing, the host was
-#      recycled between the calls: start again at 1.
-#   3. At once, carry=[".dali/02"] timeout_s=420 (unpack ~20 s + the 300 s box + 10 s kill grace + margin):
-#        mkdir -p /tmp/dali-parts && mv .dali/02/* /tmp/dali-parts/ && python3 benchmarks/unpack_dali.py \
+#   0. Once: bash benchmarks/pack_dali.sh .dali -> one upload folder per part, .dali/00, .dali/01, ... (N of
+#      them; CUDA=12, the default and the build measured on the host: 4 parts of ~50 MiB; CUDA=13: 3 parts of
+#      ~42 MiB, not yet run on the host; benchmarks/RESULTS.md, "DALI pack"). .dali/ is git-ignored.
+#      Commit; SHA = git rev-parse HEAD.
+#   1. Each folder but the last, one call right after the other: run carry=[".dali/NN"] timeout_s=60,
+#        mkdir -p /tmp/dali-parts && mv .dali/NN/* /tmp/dali-parts/ && python3 benchmarks/unpack_dali.py
+#      Each ends with exit 3 and "k/N parts ...". If one lists as missing a part that was sent, the host was
+#      recycled between the calls: start again with .dali/00.
+#   2. The last folder, at once: carry=[".dali/NN"] timeout_s=420 (unpack <= 30 s, the 300 s box, 10 s for a
+#      step killed at its limit, margin):
+#        mkdir -p /tmp/dali-parts && mv .dali/NN/* /tmp/dali-parts/ && python3 benchmarks/unpack_dali.py \
 #        && export PYTHONPATH=/tmp/dali-site && PYTHONUNBUFFERED=1 bash benchmarks/run_gpu.sh --out $OUT --commit SHA
-#      (A pack of another part count - the four-part kit of ../shared/device - works the same: one call per
-#      part, the box in the call of the last one.)
-#   4. The rerun, only when the box's last line says "rerun: --from STEP" and `status` leaves >= 6 min:
+#      (The four-part kit of ../shared/device unpacks the same way, with its own unpack-dali.py.)
+#   3. The rerun, only when the box's last line says "rerun: --from STEP" and `status` leaves >= 7 min:
 #      at once (the host and its /tmp/dali-site must still be there), no carry, timeout_s=360:
 #        export PYTHONPATH=/tmp/dali-site && PYTHONUNBUFFERED=1 bash benchmarks/run_gpu.sh --out $OUT --commit SHA \
 #          --from STEP
 #      It repeats STEP (the first step cut or failed) and runs every step after it, with the whole box for
-#      them; the photo set is rebuilt only when missing, and the inductor cache of the first box is reused.
-#      If it prints "DALI is not importable" the host was recycled: its DALI rows fail, the others still run.
-#   5. give_back, at once.
+#      them; the photo set is rebuilt only when missing, and the first box's inductor cache is reused. If it
+#      prints "DALI is not importable" the host was recycled: its DALI rows fail, the others still run.
+#   4. give_back, at once.
 #   A refused call ("already running", or no machine now) sent nothing: wait as `status` says and repeat the
-#   same call. A failed start costs 1-2 min: before step 1 `status` must leave >= 9 min, else stop there.
-#   6. Here, for each box: python benchmarks/collect_results.py --record <files_at>/results.md (RESULTS.md).
+#   same call. A failed start costs 1-2 min. Before the first call `status` must leave >= 10 min (start,
+#   uploads, the box), else do not start.
+#   5. Here, for each box: python benchmarks/collect_results.py --record <files_at>/results.md (RESULTS.md).
 set -uo pipefail
 
 OUT=""
@@ -78,7 +80,7 @@ while [[ $# -gt 0 ]]; do
     --only=*) ONLY="${1#--only=}"; shift ;;
     --cpu) CPU=1; shift ;;
     --plan) PLAN=1; shift ;;
-    -h|--help) sed -n '2,60p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (expected --out DIR [--commit SHA] [--cpu] [--from STEP |" \
             "--only STEP,...] | --plan [--cpu])" >&2
        exit 2 ;;
