@@ -158,7 +158,10 @@ def rerun_from(selected: list[str], steps: dict) -> str | None:
 def collect(work: Path, mode: str, data: Path, total_s: int, selected: list[str]) -> dict:
     steps = {}
     for line in read_text(work / "steps.jsonl").splitlines():
-        s = json.loads(line)
+        try:
+            s = json.loads(line)
+        except ValueError:   # a line being written as this reads: the next collection has it whole
+            continue
         steps[s["name"]] = s
     res = {"mode": mode, "total_budget_s": total_s, "selected": selected, "steps": list(steps.values()),
            "rerun_from": rerun_from(selected, steps)}
@@ -249,7 +252,8 @@ def markdown(res: dict) -> str:
     ds = res["dataset"]
     scans = ds["scans_after_dataset"]
     out += ["", "## Dataset", "", f"{ds['status']}: {ds['root']} {json.dumps(ds.get('params'))}, "
-            f"built at {ds.get('images_per_s_built', '-')} images/s; manifests: {', '.join(ds['manifests']) or 'none'}; "
+            f"built at {ds.get('images_per_s_built', '-')} images/s; manifests: "
+            f"{', '.join(ds['manifests']) or 'none'}; "
             f"pre-flight scans by the later steps: {len(scans)}"
             + (" (" + "; ".join(f"{s['step']}: {s['files']} files of {s['folder']}" for s in scans[:6]) + ")"
                if scans else "") + f". Why: {ds['why']}.", ""]

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                             "jpeg_engine_max_pct": max(jpeg) if jpeg else "n/a"})
         return {"environment": env, "load_avg_after": [round(x, 2) for x in os.getloadavg()], "data": str(root),
                 "data_config": args.data_config, "crop_size": base.crop_size, "steps_per_round": steps,
-                "warmup": warmup, "rounds": args.rounds, "rounds_done": min(map(len, rates.values())), "results": results}
+                "warmup": warmup, "rounds": args.rounds, "rounds_done": min(map(len, rates.values())),
+                "results": results}
 
     rates: dict[str, list[float]] = {label: [] for label in rounds}
     for _ in range(args.rounds):

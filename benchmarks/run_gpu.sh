@@ -113,14 +113,16 @@ describe() {
   local gpu=$(( 1 - CPU ))
   case "$1" in
     hw_decoder) echo "nvJPEG: is the hardware JPEG decoder usable (nvjpegCreateEx HARDWARE, GetHardwareDecoderInfo)" ;;
-    dataset) echo "photo set ($NUM_TRAIN + $NUM_VAL JPEGs 500x375 q90, $CLASSES classes) + manifests (verify --manifest)" ;;
+    dataset) echo "photo set ($NUM_TRAIN + $NUM_VAL JPEGs 500x375 q90, $CLASSES classes) + manifests" ;;
     end_to_end) echo "headline: end to end, widths $E2E_WIDTHS, batch $BATCH: compiled ceiling, DataLoader, DALI$(
                  (( gpu )) && echo ' hw 0.99 auto threads + NVML JPEG engines')" ;;
     ceilings) echo "headline: model only, widths $E2E_WIDTHS, batch $BATCH: $(
                (( gpu )) && echo 'compiled vs compiled + CUDA graphs' || echo 'compiled (aot_eager)')" ;;
-    dali_sweep) echo "data pipeline alone: DataLoader vs DALI$( (( gpu )) && echo ' hw_decoder_load {0, 0.65, 0.99} x threads {4, 8}')" ;;
+    dali_sweep) echo "data pipeline alone: DataLoader vs DALI$(
+                 (( gpu )) && echo ' hw_decoder_load {0, 0.65, 0.99} x threads {4, 8}')" ;;
     batch_512) echo "model only, batch $BIG_BATCH, compiled (static shapes)" ;;
-    variants) echo "model only, batch $BATCH: eager fp32 NCHW, channels_last, + bf16$( (( gpu )) && echo ', reduce-overhead')" ;;
+    variants) echo "model only, batch $BATCH: eager fp32 NCHW, channels_last, + bf16$(
+               (( gpu )) && echo ', reduce-overhead')" ;;
     profile) echo "torch.profiler: compiled ceiling and DALI end to end (traces)" ;;
     ddp) echo "train_ddp.py under torchrun, 1 rank, the trainer's defaults, $DDP_STEPS steps (SIGUSR1 stop)" ;;
     gpu_tests) echo "pytest -m gpu$( (( gpu )) && echo ' (all but the digits demo)')" ;;
@@ -269,7 +271,8 @@ fi
 
 collect() {
   "$PY" "$REPO/benchmarks/collect_results.py" --work "$WORK" --out "$OUT" --mode "$MODE" --data "$DATA" \
-    --total-s "$TOTAL_S" --steps "${SELECTED[*]}" "$@" >> "$LOG" 2>&1 || echo "collect_results.py failed (see log.txt)" >&2
+    --total-s "$TOTAL_S" --steps "${SELECTED[*]}" "$@" >> "$LOG" 2>&1 ||
+    echo "collect_results.py failed (see log.txt)" >&2
 }
 # Rows as they are measured: re-collect within a second of any change of a step's JSON, the steps list or the
 # gpu tests' output (the only files collect_results.py reads while the box runs).
@@ -310,9 +313,10 @@ step() {
   fi
   local secs=$(( $(date +%s) - start ))
   [[ $status == ok ]] || FAILED=1
-  printf '{"name": "%s", "status": "%s", "rc": %d, "seconds": %d, "budget_s": %d, "limit_s": %d, "started_at_s": %d}\n' \
-    "$name" "$status" "$rc" "$secs" "$(budget "$name")" "$(( limit > 0 ? limit : 0 ))" "$((start - T0))" \
-    >> "$WORK/steps.jsonl"
+  # one write per line: the watcher may read the file at any moment
+  local line='{"name": "%s", "status": "%s", "rc": %d, "seconds": %d, "budget_s": %d, "limit_s": %d, "started_at_s": %d}'
+  printf "$line\n" "$name" "$status" "$rc" "$secs" "$(budget "$name")" "$(( limit > 0 ? limit : 0 ))" \
+    "$((start - T0))" >> "$WORK/steps.jsonl"
   printf '[%4ds] %-12s %-8s %4ds (budget %ds)\n' "$(( $(date +%s) - T0 ))" "$name" "$status" "$secs" \
     "$(budget "$name")"
 }

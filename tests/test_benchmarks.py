@@ -173,8 +173,9 @@ def test_cpu_run_sections_complete(cpu_run):
         assert r["graphs"] == 1 and r["graphs_in_windows"] == 0
     check = res["compile_check"]
     assert check["status"].startswith("ok") and not check["limit_hits"]
-    assert check["settings"]["ceilings"]["recompile_limit"] == 64 and check["settings"]["ceilings"]["limit_hit_is_an_error"]
-    assert check["settings"]["ceilings"]["inductor_cache_dir"].endswith("inductor-cache")
+    settings = check["settings"]["ceilings"]
+    assert settings["recompile_limit"] == 64 and settings["limit_hit_is_an_error"]
+    assert settings["inductor_cache_dir"].endswith("inductor-cache")
 
     sweep = res["dali_sweep"]["result"]
     assert {r["loader"] for r in sweep["results"]} == {"torchvision", "dali"} and sweep["rounds_done"] == 3
