@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch (and fdmobilenet, which imports it) load inside the functions that need them: collect_results.py
-# uses the table and file helpers after every run_gpu.sh step and should not pay torch's import each time.
+# uses the table and file helpers every second while run_gpu.sh runs and should not pay torch's import each time.
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # The trainer's step line (fdmobilenet.logs.RunLogger.step, without a tty): epoch, step, img/s, data wait %

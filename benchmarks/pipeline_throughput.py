@@ -10,7 +10,9 @@ so they decode the same files and do the same work; only data.loader / num_threa
 
 Method: each loader first runs ``--warmup`` batches; then rounds alternate the variants (A B A B ...). In a
 round a variant first drains the batches its prefetch queue filled while another variant ran (untimed), then
-``--steps`` batches are timed (CUDA synchronised). Reported: the median over rounds of images/s.
+``--steps`` batches are timed (CUDA synchronised). Reported: the median over rounds of images/s; --json is
+rewritten after every round (medians of the rounds so far), so a run cut short keeps its finished rounds. On
+CUDA, NVML samples the hardware JPEG engines while each DALI variant's batches are timed (pipelines.hw_decoder).
 
 CPU (default without a GPU): DALI's CPU pipeline with T threads vs the DataLoader with T workers
 (T = --threads, default: all usable cores). CUDA: DALI mixed decode for every --hw-decoder-load
@@ -33,6 +35,7 @@ import torch
 from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
 from fdmobilenet.config import DataConfig, load_family
 from pipelines import build_loader, resolve_loader_defaults
+from pipelines.hw_decoder import JpegEngineSampler
 from pipelines.photo_set import build_photo_set
 
 SECTION = "Pipeline throughput"
@@ -58,11 +61,12 @@ def pull(batches: Iterator, n: int) -> None:
         next(batches)
 
 
-def timed_rounds(cfg: DataConfig, batch: int, steps: int, warmup: int, device: torch.device
-                 ) -> tuple[Callable[[], float], int]:
+def timed_rounds(cfg: DataConfig, batch: int, steps: int, warmup: int, device: torch.device,
+                 jpeg_samples: Optional[list] = None) -> tuple[Callable[[], float], int]:
     """Build ``cfg``'s train loader (knobs resolved) and warm it up; returns (one round: images/s of ``steps``
     batches, the loader's batches per epoch). A round first drains, untimed, the batches its prefetch queue
-    filled while other variants ran, so that only steady-state batches are timed."""
+    filled while other variants ran, so that only steady-state batches are timed. ``jpeg_samples``: a list
+    that gets the GPU's JPEG-engine utilisation sampled during each timed round (pipelines.hw_decoder)."""
     loader = build_loader(cfg, "train", batch, device=device)
     stream = endless(loader)
     pull(stream, warmup)
@@ -70,7 +74,11 @@ def timed_rounds(cfg: DataConfig, batch: int, steps: int, warmup: int, device: t
 
     def one_round() -> float:
         pull(stream, queue)
-        return steps * batch / timed(lambda: pull(stream, steps), device)
+        with JpegEngineSampler((device.index or 0) if jpeg_samples is not None else None) as use:
+            seconds = timed(lambda: pull(stream, steps), device)
+        if jpeg_samples is not None:
+            jpeg_samples += use.samples
+        return steps * batch / seconds
     return one_round, len(loader)
 
 
@@ -132,37 +140,49 @@ def main(argv: list[str] | None = None) -> int:
     # torchvision first: its workers fork before DALI starts threads in this process
     variants = [Variant("torchvision", workers)]
     variants += [Variant("dali", t, hw) for hw in (args.hw_decoder_load if gpu else [None]) for t in threads]
-    rounds = {}
+    rounds, jpeg_samples = {}, {}
     for v in variants:
         cfg = resolve_loader_defaults(dataclasses.replace(
             base, loader=v.loader, num_threads=v.threads,
             hw_decoder_load=base.hw_decoder_load if v.hw_decoder_load is None else v.hw_decoder_load), device)[0]
-        rounds[v.label(device)], per_epoch = timed_rounds(cfg, batch, steps, warmup, device)
+        sampled = jpeg_samples.setdefault(v.label(device), []) if gpu and v.loader == "dali" else None
+        rounds[v.label(device)], per_epoch = timed_rounds(cfg, batch, steps, warmup, device, sampled)
         print(f"ready: {v.label(device)} ({per_epoch} batches of {batch} per epoch)", flush=True)
 
-    rates = interleave(rounds, args.rounds)
-    load_after = [round(x, 2) for x in os.getloadavg()]
-    reference = median(rates[variants[0].label(device)])
-    results = []
-    for v in variants:
-        r = rates[v.label(device)]
-        results.append({"variant": v.label(device), "loader": v.loader,
-                        "decode": ("mixed" if gpu else "cpu") if v.loader == "dali" else "pil",
-                        "device": device.type, "threads_or_workers": v.threads,
-                        "hw_decoder_load": v.hw_decoder_load, "batch": batch, "images_per_s": round(median(r), 1),
-                        "rounds": [round(x, 1) for x in r], "ratio_to_torchvision": round(median(r) / reference, 2)})
-    report = {"environment": env, "load_avg_after": load_after, "data": str(root),
-              "data_config": args.data_config, "crop_size": base.crop_size, "steps_per_round": steps,
-              "warmup": warmup, "rounds": args.rounds, "results": results}
+    def summary(rates: dict[str, list[float]]) -> dict:
+        reference = median(rates[variants[0].label(device)])
+        results = []
+        for v in variants:
+            r = rates[v.label(device)]
+            jpeg = jpeg_samples.get(v.label(device))
+            results.append({"variant": v.label(device), "loader": v.loader,
+                            "decode": ("mixed" if gpu else "cpu") if v.loader == "dali" else "pil",
+                            "device": device.type, "threads_or_workers": v.threads,
+                            "hw_decoder_load": v.hw_decoder_load, "batch": batch,
+                            "images_per_s": round(median(r), 1), "rounds": [round(x, 1) for x in r],
+                            "ratio_to_torchvision": round(median(r) / reference, 2),
+                            "jpeg_engine_max_pct": max(jpeg) if jpeg else "n/a"})
+        return {"environment": env, "load_avg_after": [round(x, 2) for x in os.getloadavg()], "data": str(root),
+                "data_config": args.data_config, "crop_size": base.crop_size, "steps_per_round": steps,
+                "warmup": warmup, "rounds": args.rounds, "rounds_done": min(map(len, rates.values())),
+                "results": results}
+
+    rates: dict[str, list[float]] = {label: [] for label in rounds}
+    for _ in range(args.rounds):
+        for label, rate in interleave(rounds, 1).items():
+            rates[label] += rate
+        report = summary(rates)
+        if args.json:
+            write_json(args.json, report)
+    results, load_after = report["results"], report["load_avg_after"]
 
     text = (f"{describe(env)}\n\nload average after: {' / '.join(map(str, load_after))} · data {root} · "
             f"{args.data_config} train pipeline ({base.crop_size}x{base.crop_size}), batch {batch}, median of "
             f"{args.rounds} rounds x {steps} batches (after {warmup} warm-up batches per loader)\n\n"
             + markdown_table(results, (("variant", "loader"), ("images_per_s", "img/s"),
-                                       ("rounds", "rounds (img/s)"), ("ratio_to_torchvision", "x torchvision"))))
+                                       ("rounds", "rounds (img/s)"), ("ratio_to_torchvision", "x torchvision"))
+                             + ((("jpeg_engine_max_pct", "JPEG engines max %"),) if gpu else ())))
     print("\n" + text, flush=True)
-    if args.json:
-        write_json(args.json, report)
     if args.record:
         record(f"{SECTION} ({'GPU' if gpu else 'CPU'})", text)
     return 0

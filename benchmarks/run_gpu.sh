@@ -1,105 +1,236 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one call, time-boxed to 8 minutes, or the same steps at toy sizes on the CPU
-# (--cpu: the CI smoke run, tests/test_benchmarks.py).
+# The GPU measurement as one time box of at most 300 s, the headline numbers first, or the same steps at toy
+# sizes on the CPU (--cpu: the CI smoke run, tests/test_benchmarks.py).
 #
-#   bash benchmarks/run_gpu.sh --out DIR --commit SHA [--cpu]
-#   bash benchmarks/run_gpu.sh --plan [--cpu]      # the steps and their budgets; runs nothing
+#   bash benchmarks/run_gpu.sh --out DIR --commit SHA [--cpu] [--from STEP | --only STEP,STEP...]
+#   bash benchmarks/run_gpu.sh --plan [--cpu] [--from STEP | --only STEP,...]   # the steps; runs nothing
 #
-# Steps, in this order (each under `timeout`; a failed or timed-out step is recorded and the next one still
-# runs; after every step DIR/results.json and DIR/results.md are rewritten, so a cut-off run keeps what it
-# measured): pytest -m gpu (all but the digits demo); the photo set; the FLOPs check; model-only ceilings
-# (1x and 0.25x, batch 256 and 512: eager, channels_last, + bf16, + compile, + CUDA graphs, reduce-overhead);
-# the DALI pipeline alone; end to end from JPEG (DALI at hw_decoder_load {0.65, 0.99} x threads {4, 8}, and
-# the torchvision DataLoader with all cores); torch.profiler over 10 steps of the compiled 1x ceiling and of
-# DALI end to end; train_ddp.py under torchrun with the trainer's defaults for 150 steps (stopped by SIGUSR1: the
-# trainer's preemption path, so no final evaluation inside the time box); the gpu test that compiles and
-# trains the digits demo (last: the longest test, so that it cannot starve the measurements); the chart.
-# Budgets (--plan) add up to TOTAL_S exactly; a step may also use what earlier steps left unused, never what
-# later steps are budgeted. DIR gets 6 files: results.json, results.md, log.txt, throughput.png,
-# trace_ceiling.json.gz, trace_e2e_dali.json.gz. Exit code: 0 when every step passed.
+# Order (--plan prints it with each step's budget and what it measures): the hardware-decoder probe and the
+# photo set with its manifests; then the headline rows - end to end from JPEG at 1x and 0.25x (batch 256) with
+# DALI (hw_decoder_load 0.99, the auto threads) and the torchvision DataLoader, each beside the compiled
+# ceiling of the same trainer (e2e / ceiling) with its data-wait share, and the model-only ceilings compiled
+# and compiled + CUDA graphs - so that "end to end / ceiling" and "DALI / DataLoader" exist after about three
+# minutes; then, each cut first when time runs short: the hw_decoder_load x threads sweep of DALI alone,
+# batch 512, the eager / channels_last / bf16 / reduce-overhead variants, torch.profiler, train_ddp.py under
+# torchrun, pytest -m gpu and the digits demo. A step may use what the steps before it left unused, never
+# what the steps after it reserve; one that runs out is killed (timeout) and one with under 5 s left is
+# skipped; the next still runs. To add a step: its name:budget in HEADLINE or REST (in order; the budgets
+# add up to TOTAL_S), a line in describe(), a `step NAME command...` line below in the same order, and its
+# JSON in collect_results.py (the pre-resized rows have their place marked at the start of REST).
 #
-# --commit SHA: the commit of the tree, recorded with every number (a copied tree has no .git to ask).
-# Needs python3 with torch + torchvision (or $PYTHON), pytest, matplotlib for the chart, DALI importable.
-# The repo is not installed: this script puts its root on PYTHONPATH.
+# Rows: every row reaches DIR/results.json and DIR/results.md the moment it is measured - the step scripts
+# rewrite their JSON after each row (train_throughput.py), round (pipeline_throughput.py), trace
+# (profile_step.py) or log window (train_steps.py), and a watcher re-collects within a second of any change -
+# so a box cut anywhere keeps everything measured before the cut.
+# Compile once: every process shares one inductor cache (TORCHINDUCTOR_CACHE_DIR, with the FX-graph and
+# AOTAutograd caches on; under BENCH_WORK, so a rerun on the same host reuses it); the benchmark scripts compile
+# with dynamic=False and make dynamo's recompile limit an error (train_throughput.py); results.md reports graphs
+# compiled, cache hits, graphs compiled inside timed windows and any step's "hit config.recompile_limit".
+# DIR gets results.json, results.md, log.txt, throughput.png, trace_ceiling.json.gz, trace_e2e_dali.json.gz.
+# Exit code: 0 when every step that ran passed. --commit SHA: the commit of the tree, recorded with every
+# number (a copied tree has no .git to ask). Needs python3 with torch + torchvision (or $PYTHON), pytest,
+# matplotlib for the chart, DALI importable. The repo is not installed: this script puts its root on PYTHONPATH.
 #
-# On the offline GPU host (../shared/device/README.md packs DALI 2.4.0 for it; an upload carries <= 64 MiB, the
-# repo's own ~1 MiB included), from the repo's root on the development machine:
-#   1. Once, here: the parts, and one folder per upload, so that nothing has to run here between the calls:
-#        for d in /.dali-parts/ /.dali-00/ /.dali-01/ /.dali-02/ /.dali-03/; do
-#          grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
-#        bash ../shared/device/pack-dali.sh .dali-parts           # 4 parts of ~58 MiB + SHA256SUMS (~5 min)
-#        for k in 00 01 02 03; do mkdir -p .dali-$k && cp .dali-parts/dali.tar.xz.part-$k .dali-parts/SHA256SUMS \
-#          ../shared/device/unpack-dali.py ../shared/device/dali-smoke.py .dali-$k/; done
-#   2. Commit, then four device calls back to back: an idle host is recycled within about half a minute, and
-#      its /tmp (the parts received so far) with it. Call k = 00, 01, 02 carries [".dali-k"], command:
-#          mkdir -p /tmp/dali-parts && mv .dali-k/* /tmp/dali-parts/ && python3 /tmp/dali-parts/unpack-dali.py
-#      and ends with exit 3 ("k/4 parts ..."); if one lists a part as missing that was sent, the host was
-#      recycled: start again at 00. The last call carries [".dali-03"], timeout_s=600 (~20 s unpack + the
-#      480 s box + up to 10 s for a step killed at its limit):
-#          mkdir -p /tmp/dali-parts && mv .dali-03/* /tmp/dali-parts/ && python3 /tmp/dali-parts/unpack-dali.py \
-#          && export PYTHONPATH=/tmp/dali-site && PYTHONUNBUFFERED=1 bash benchmarks/run_gpu.sh --out $OUT \
-#             --commit <git rev-parse HEAD of the tree sent>
-#   3. Here: python benchmarks/collect_results.py --record <fetched folder>/results.md   (into RESULTS.md)
+# ----------------------------------------------------------------------------- the device procedure
+# One GPU host, offline, 15 minutes of device time for everything (each start, transfer, command and idle
+# minute counts); an upload carries <= 64 MiB, the repo's own ~0.9 MiB included; an idle host is recycled
+# after a short while, and its /tmp with it. From the repo's root here:
+#   0. Once: bash benchmarks/pack_dali.sh .dali -> one upload folder per part, .dali/00, .dali/01, ... (N of
+#      them; CUDA=12, the default and the build measured on the host: 4 parts of ~50 MiB; CUDA=13: 3 parts of
+#      ~42 MiB, not yet run on the host; benchmarks/RESULTS.md, "DALI pack"). .dali/ is git-ignored.
+#      Commit; SHA = git rev-parse HEAD.
+#   1. Each folder but the last, one call right after the other: run carry=[".dali/NN"] timeout_s=60,
+#        mkdir -p /tmp/dali-parts && mv .dali/NN/* /tmp/dali-parts/ && python3 benchmarks/unpack_dali.py
+#      Each ends with exit 3 and "k/N parts ...". If one lists as missing a part that was sent, the host was
+#      recycled between the calls: start again with .dali/00.
+#   2. The last folder, at once: carry=[".dali/NN"] timeout_s=420 (unpack <= 30 s, the environment record
+#      before the box ~15 s, the 300 s box, 10 s for a step killed at its limit, margin):
+#        mkdir -p /tmp/dali-parts && mv .dali/NN/* /tmp/dali-parts/ && python3 benchmarks/unpack_dali.py \
+#        && export PYTHONPATH=/tmp/dali-site && PYTHONUNBUFFERED=1 bash benchmarks/run_gpu.sh --out $OUT --commit SHA
+#      (The four-part kit of ../shared/device unpacks the same way, with its own unpack-dali.py.)
+#   3. The rerun, only when the box's last line says "rerun: --from STEP" and `status` leaves >= 7 min:
+#      at once (the host and its /tmp/dali-site must still be there), no carry, timeout_s=360:
+#        export PYTHONPATH=/tmp/dali-site && PYTHONUNBUFFERED=1 bash benchmarks/run_gpu.sh --out $OUT --commit SHA \
+#          --from STEP
+#      It repeats STEP (the first step cut or failed) and runs every step after it, with the whole box for
+#      them; the photo set is rebuilt only when missing, and the first box's inductor cache is reused. If it
+#      prints "DALI is not importable" the host was recycled: its DALI rows fail, the others still run.
+#   4. give_back, at once.
+#   A refused call ("already running", or no machine now) sent nothing: wait as `status` says and repeat the
+#   same call. A failed start costs 1-2 min. Before the first call `status` must leave >= 10 min (start,
+#   uploads, the box), else do not start.
+#   5. Here, for each box: python benchmarks/collect_results.py --record <files_at>/results.md (RESULTS.md).
 set -uo pipefail
 
 OUT=""
 CPU=0
 PLAN=0
 COMMIT=""
+FROM=""
+ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
     --commit) COMMIT="$2"; shift 2 ;;
     --commit=*) COMMIT="${1#--commit=}"; shift ;;
+    --from) FROM="$2"; shift 2 ;;
+    --from=*) FROM="${1#--from=}"; shift ;;
+    --only) ONLY="$2"; shift 2 ;;
+    --only=*) ONLY="${1#--only=}"; shift ;;
     --cpu) CPU=1; shift ;;
     --plan) PLAN=1; shift ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
-    *) echo "run_gpu.sh: unknown argument '$1' (expected --out DIR [--commit SHA] [--cpu] | --plan [--cpu])" >&2
+    -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
+    *) echo "run_gpu.sh: unknown argument '$1' (expected --out DIR [--commit SHA] [--cpu] [--from STEP |" \
+            "--only STEP,...] | --plan [--cpu])" >&2
        exit 2 ;;
   esac
 done
 
 # ------------------------------------------------------------------------------------------ the plan
-# name:budget_s in run order; write_up is the time kept for the last results.md and the chart.
+# name:budget_s in run order; write_up is the time kept for the chart and the last results.md.
 if [[ $CPU -eq 1 ]]; then
   MODE=cpu
   TOTAL_S=1200                         # generous: on 2 shared cores the budgets only catch hangs
-  STEPS=(gpu_tests:90 dataset:60 flops:60 ceilings:240 pipeline:120 end_to_end:180 profile:120 ddp:120
-         ddp_gloo_1:90 ddp_gloo_2:90 write_up:30)
+  # No batch_512 or variants step: the ceilings step runs the eager variants beside the compiled one (a CPU
+  # has no CUDA-graph variants to lead with), and a second batch size's static graph is test_trainer.py's.
+  HEADLINE=(hw_decoder:60 dataset:60 end_to_end:150 ceilings:180)
+  REST=(dali_sweep:90 profile:150 ddp:150 gpu_tests:120 ddp_gloo_1:90 ddp_gloo_2:90)
+  WRITE_UP=write_up:60
 else
   MODE=gpu
-  TOTAL_S=480                          # 8 minutes: what the GPU host's device time leaves after DALI's uploads
-  # Not yet measured on a GPU: correct them from a run's "Steps" table. gpu_tests starts five train_ddp.py
-  # processes (each pays the interpreter, torch, CUDA and cuDNN start-up) besides its in-process tests; it
-  # comes first and can borrow from nobody, so it gets the most room it may need. Compilation is most of the
-  # ceilings' time (three compiled variants per width and batch); the batch-512 groups run last, the first to
-  # be cut. The GPU test that compiles and trains the digits demo runs last (gpu_demo): it cannot starve the rest.
-  STEPS=(gpu_tests:90 dataset:15 flops:10 ceilings:120 pipeline:20 end_to_end:75 profile:30 ddp:50 gpu_demo:60
-         write_up:10)
+  TOTAL_S=300
+  # Estimates, not yet measured on a GPU: correct them from a box's "Steps" table. The first box on a host
+  # compiles cold (tens of seconds per width); later steps and a rerun hit the inductor cache.
+  HEADLINE=(hw_decoder:10 dataset:20 end_to_end:115 ceilings:35)
+  # The pre-resized rows (pipelines.resize: the stored shorter side at the training resolution) go here,
+  # first of REST: they answer the decode-bound question right after the headline.
+  REST=(dali_sweep:20 batch_512:25 variants:25 profile:15 ddp:15 gpu_tests:10 gpu_demo:5)
+  WRITE_UP=write_up:5
 fi
+STEPS=("${HEADLINE[@]}" "${REST[@]}" "$WRITE_UP")
+NEEDS_DATA=" end_to_end dali_sweep profile ddp "   # steps that read the photo set
+
+describe() {
+  local gpu=$(( 1 - CPU ))
+  case "$1" in
+    hw_decoder) echo "nvJPEG: is the hardware JPEG decoder usable (nvjpegCreateEx HARDWARE, GetHardwareDecoderInfo)" ;;
+    dataset) echo "photo set ($NUM_TRAIN + $NUM_VAL JPEGs 500x375 q90, $CLASSES classes) + manifests" ;;
+    end_to_end) echo "headline: end to end, widths $E2E_WIDTHS, batch $BATCH: the trainer's ceiling, DataLoader, DALI$(
+                 (( gpu )) && echo ' hw 0.99 auto threads + NVML JPEG engines')" ;;
+    ceilings) echo "headline: model only, widths $E2E_WIDTHS, batch $BATCH: $(
+               (( gpu )) && echo 'compiled vs compiled + CUDA graphs' ||
+               echo 'eager fp32 NCHW, channels_last, + bf16, compiled (aot_eager)')" ;;
+    dali_sweep) echo "data pipeline alone: DataLoader vs DALI$(
+                 (( gpu )) && echo ' hw_decoder_load {0, 0.65, 0.99} x threads {4, 8}')" ;;
+    batch_512) echo "model only, batch $BIG_BATCH, compiled (static shapes)" ;;
+    variants) echo "model only, batch $BATCH: eager fp32 NCHW, channels_last, + bf16$(
+               (( gpu )) && echo ', reduce-overhead')" ;;
+    profile) echo "torch.profiler: the trainer's ceiling and DALI end to end (traces)" ;;
+    ddp) echo "train_ddp.py under torchrun, 1 rank, the trainer's defaults, $DDP_STEPS steps (SIGUSR1 stop)" ;;
+    gpu_tests) echo "pytest -m gpu$( (( gpu )) && echo ' (all but the digits demo)')" ;;
+    gpu_demo) echo "pytest -m gpu -k digits_demo (compiles and trains the demo)" ;;
+    ddp_gloo_*) echo "gloo DDP cost: ${1#ddp_gloo_} rank(s), same per-rank batch" ;;
+    write_up) echo "the chart and the last results.md" ;;
+  esac
+}
+
+if [[ $MODE == cpu ]]; then
+  # 64 photos: decode cost per image is what matters here, not the count
+  NUM_TRAIN=64; NUM_VAL=16; CLASSES=8; BATCH=8; E2E_WIDTHS=0.25
+  # 128 px crops: the model's share of a CPU step shrinks 3x; the loaders still decode the full 500x375 JPEGs.
+  # One torch thread: with other load on 2 cores, 2 OpenMP threads spin at barriers (measured 10x slower)
+  TT=(--device cpu --threads 1 --image-size 128 --warmup 2 --windows 3 --window-s 0.2 --widths "$E2E_WIDTHS")
+  E2E=(--batch-sizes "$BATCH" --loaders torchvision,dali)
+  # inductor's C++ builds take minutes on 2 cores: aot_eager; the CUDA-graph variants need a GPU
+  CEIL=(--batch-sizes "$BATCH" --variants eager_fp32_nchw,channels_last,channels_last_bf16,compiled
+        --compile-backend aot_eager)
+  BIG=(); VARIANTS=()   # steps of the GPU plan only
+  PIPE=(--device cpu --batch 8 --steps 2 --rounds 3 --warmup 1 --threads "$(nproc)")
+  PROF=(--device cpu --threads 1 --width 0.25 --batch 8 --image-size 128 --warmup 2 --steps 3)
+  DDP_STEPS=2; DDP_EPOCH=3
+  GPU_TESTS=()   # every gpu test in one pytest run: here they are all skipped (no CUDA), so order does not matter
+  DDP=(--model 0.25x-FDMobileNet-224 optim.batch_size=8 train.steps_per_epoch=$DDP_EPOCH train.device=cpu
+       data.crop_size=128 data.val_resize=146 data.val_crop=128 --print-freq 1)
+else
+  # 20000 train JPEGs (>= 20k: epochs of 78 batches, so the reader's shuffle and epoch ends behave as on
+  # ImageNet), re-read from the page cache: decode and augmentation are measured, not disk reads. 1000
+  # classes (20 images each) keep the ImageNet head, so the graphs compiled by the end-to-end step are the
+  # ceilings', profile's and train_ddp.py's too (inductor's cache).
+  NUM_TRAIN=20000; NUM_VAL=1024; CLASSES=1000; BATCH=256; BIG_BATCH=512; E2E_WIDTHS=1,0.25
+  TT=(--warmup 6 --windows 3 --window-s 0.4 --widths "$E2E_WIDTHS")   # warm-up > the graphed step's 3 + capture
+  E2E=(--batch-sizes "$BATCH" --loaders torchvision,dali --dali-settings 0.99:auto)
+  CEIL=(--batch-sizes "$BATCH" --variants compiled,compiled_cuda_graphs)
+  BIG=(--batch-sizes "$BIG_BATCH" --variants compiled)
+  VARIANTS=(--batch-sizes "$BATCH" --variants eager_fp32_nchw,channels_last,channels_last_bf16,reduce_overhead)
+  PIPE=(--batch 256 --steps 12 --rounds 3 --warmup 3 --threads 4 8 --hw-decoder-load 0 0.65 0.99)
+  PROF=(--width 1 --batch 256 --warmup 8 --steps 10)
+  DDP_STEPS=150; DDP_EPOCH=$((NUM_TRAIN / 256))
+  GPU_TESTS=(-k "not digits_demo")   # the digits demo compiles: it runs last, as gpu_demo
+  DDP=(--model 1x-FDMobileNet-224 optim.batch_size=256 --print-freq 10)
+fi
+
 SUM=0
-for s in "${STEPS[@]}"; do SUM=$((SUM + ${s#*:})); done
+NAMES=()
+for s in "${STEPS[@]}"; do SUM=$((SUM + ${s#*:})); NAMES+=("${s%%:*}"); done
 if (( SUM != TOTAL_S )); then
   echo "run_gpu.sh: the step budgets add up to ${SUM}s, not TOTAL_S=${TOTAL_S}s: fix the plan" >&2; exit 2
 fi
+budget() { local s; for s in "${STEPS[@]}"; do [[ ${s%%:*} == "$1" ]] && { echo "${s#*:}"; return; }; done; echo 0; }
+
+# The steps this box runs: all of them, those from --from on, or --only's (in plan order); the photo set
+# whenever a step reads it.
+if [[ -n $FROM && -n $ONLY ]]; then echo "run_gpu.sh: --from or --only, not both" >&2; exit 2; fi
+for name in ${FROM} ${ONLY//,/ }; do
+  if [[ " ${NAMES[*]} " != *" $name "* || $name == write_up ]]; then
+    echo "run_gpu.sh: no step '$name' in the $MODE plan (steps: ${NAMES[*]/write_up/})" >&2; exit 2
+  fi
+done
+SELECTED=()
+reached=0
+for name in "${NAMES[@]}"; do
+  [[ $name == write_up ]] && continue
+  [[ $name == "$FROM" ]] && reached=1
+  if [[ -z $FROM && -z $ONLY ]] || (( reached )) || [[ ",$ONLY," == *",$name,"* ]]; then SELECTED+=("$name"); fi
+done
+if [[ -n $FROM || -n $ONLY ]] && [[ " ${SELECTED[*]} " != *" dataset "* ]]; then
+  for name in "${SELECTED[@]}"; do
+    if [[ $NEEDS_DATA == *" $name "* ]]; then SELECTED=(dataset "${SELECTED[@]}"); break; fi
+  done
+fi
+PLAN_TOTAL_S=$TOTAL_S
+# reserved(NAME): what the selected steps after NAME, and the write-up, are budgeted (in proportion when
+# BENCH_TOTAL_S shrinks the box)
+reserved() {
+  local name after=0 sum=0
+  for name in "${SELECTED[@]}"; do
+    (( after )) && sum=$((sum + $(budget "$name")))
+    [[ $name == "$1" ]] && after=1
+  done
+  echo $(( (sum + $(budget write_up)) * TOTAL_S / PLAN_TOTAL_S ))
+}
+
 if [[ $PLAN -eq 1 ]]; then
-  printf '%s\n' "${STEPS[@]}"
-  echo "total:$TOTAL_S"
+  echo "run_gpu.sh --plan ($MODE): one box of ${TOTAL_S} s, the steps in this order; a step may use what the"
+  echo "steps before it left, never what the steps after it reserve ('by s': where the budgets alone end it)"
+  printf '%-12s %8s %6s  %s\n' step budget_s by_s measures
+  by=0
+  for name in "${SELECTED[@]}" write_up; do
+    by=$((by + $(budget "$name")))
+    printf '%-12s %8d %6d  %s\n' "$name" "$(budget "$name")" "$by" "$(describe "$name")"
+    if [[ $name == "${HEADLINE[-1]%%:*}" && $MODE == gpu ]]; then
+      echo "  (the pre-resized rows, pipelines.resize, go here: after the headline, before the rest)"
+    fi
+  done
+  printf '%-12s %8d\n' total "$TOTAL_S"
+  if (( by < TOTAL_S )); then
+    echo "this box runs ${#SELECTED[@]} of the plan's steps: together they may also use the $((TOTAL_S - by)) s" \
+         "the others are budgeted"
+  fi
   exit 0
 fi
 [[ -n "$OUT" ]] || { echo "run_gpu.sh: --out DIR is required" >&2; exit 2; }
 TOTAL_S=${BENCH_TOTAL_S:-$TOTAL_S}      # tests shrink the time box to see steps cut
-
-budget() { local s; for s in "${STEPS[@]}"; do [[ ${s%%:*} == "$1" ]] && { echo "${s#*:}"; return; }; done; echo 0; }
-upto() {  # budgets of the steps up to and including $1
-  local s sum=0
-  for s in "${STEPS[@]}"; do
-    sum=$((sum + ${s#*:}))
-    [[ ${s%%:*} == "$1" ]] && break
-  done
-  echo "$sum"
-}
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -117,44 +248,16 @@ mkdir -p "$BASE"
 WORK="$(mktemp -d "$BASE/run.XXXXXX")"
 LOG="$OUT/log.txt"
 : > "$LOG"
-T0=$(date +%s)
-
-if [[ $MODE == cpu ]]; then
-  # 64 photos: decode cost per image is what matters here, not the count
-  NUM_TRAIN=64; NUM_VAL=16; CLASSES=8; BATCH=8
-  # 128 px crops: the model's share of a CPU step shrinks 3x; the loaders still decode the full 500x375 JPEGs.
-  # One torch thread: with other load on 2 cores, 2 OpenMP threads spin at barriers (measured 10x slower)
-  TT=(--device cpu --threads 1 --batch-sizes 8 --image-size 128 --warmup 2 --windows 3 --window-s 0.2)
-  CEIL=(--widths 0.25 --compile-backend aot_eager)   # inductor's C++ builds take minutes on 2 cores; the
-                                                    # variants: all but the CUDA-graph ones, which need a GPU
-  E2E=(--widths 0.25 --loader-threads "$NPROC")
-  PIPE=(--device cpu --batch 8 --steps 2 --rounds 3 --warmup 1 --threads "$NPROC")
-  PROF=(--device cpu --threads 1 --width 0.25 --batch 8 --image-size 128 --warmup 2 --steps 3)
-  DDP_STEPS=2; DDP_EPOCH=3
-  GPU_TESTS=()   # every gpu test in one pytest run: here they are all skipped (no CUDA), so order does not matter
-  DDP=(--model 0.25x-FDMobileNet-224 optim.batch_size=8 train.steps_per_epoch=$DDP_EPOCH train.device=cpu
-       data.crop_size=128 data.val_resize=146 data.val_crop=128 --print-freq 1)
-else
-  # 20000 train JPEGs (>= 20k: epochs of 78 batches, so the reader's shuffle and epoch ends behave as on
-  # ImageNet), re-read from the page cache: decode and augmentation are measured, not disk reads. 1000
-  # classes (20 images each) keep the ImageNet head, so the compiled graphs of the ceilings are reused from
-  # inductor's cache by the end-to-end, profile and DDP steps.
-  NUM_TRAIN=20000; NUM_VAL=1024; CLASSES=1000; BATCH=256
-  TT=(--batch-sizes 256,512 --warmup 6 --windows 3 --window-s 0.4)   # warm-up > the graphed step's 3 + capture
-  CEIL=(--widths 1,0.25)
-  E2E=(--batch-sizes 256 --widths 1,0.25 --loader-threads "$NPROC" --dali-settings 0.65:4,0.65:8,0.99:4,0.99:8)
-  PIPE=(--batch 256 --steps 20 --rounds 3 --warmup 3 --threads 8 --hw-decoder-load 0.99)
-  PROF=(--width 1 --batch 256 --warmup 8 --steps 10)
-  DDP_STEPS=150; DDP_EPOCH=$((NUM_TRAIN / 256))
-  GPU_TESTS=(-k "not digits_demo")   # the digits demo compiles: it runs last, as gpu_demo
-  DDP=(--model 1x-FDMobileNet-224 optim.batch_size=256 --print-freq 10)
-fi
 DATA="$BASE/photos-$NUM_TRAIN-$CLASSES"
+# compile once: one inductor cache (FX graphs, AOTAutograd, Triton kernels) for every process of the box
+export TORCHINDUCTOR_CACHE_DIR="$BASE/inductor-cache" TRITON_CACHE_DIR="$BASE/inductor-cache/triton"
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 
 {
   echo "run_gpu.sh mode=$MODE started $(date -u +%FT%TZ) on $(hostname), $NPROC cores, python: $PY," \
        "commit ${COMMIT:-(from git)}"
-  echo "plan: ${STEPS[*]} = ${TOTAL_S}s; data set $DATA ($NUM_TRAIN train + $NUM_VAL val JPEGs, $CLASSES classes)"
+  echo "plan: ${STEPS[*]} = ${TOTAL_S}s; this box: ${SELECTED[*]}; data set $DATA ($NUM_TRAIN train +" \
+       "$NUM_VAL val JPEGs, $CLASSES classes); inductor cache $TORCHINDUCTOR_CACHE_DIR"
   command -v nvidia-smi >/dev/null && nvidia-smi 2>&1
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__,
              "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' 2>&1
@@ -166,20 +269,39 @@ else
   echo "DALI is not importable: the end-to-end/pipeline/profile DALI rows will fail; the DDP step uses" \
        "data.loader=synthetic" | tee -a "$LOG"
 fi
+# the box starts here: the record above (nvidia-smi, the first torch and DALI imports, a few seconds on a
+# cold host) must not take the first step's budget
+T0=$(date +%s)
 
 collect() {
   "$PY" "$REPO/benchmarks/collect_results.py" --work "$WORK" --out "$OUT" --mode "$MODE" --data "$DATA" \
-    --total-s "$TOTAL_S" "$@" >> "$LOG" 2>&1 || echo "collect_results.py failed (see log.txt)" >&2
+    --total-s "$TOTAL_S" --steps "${SELECTED[*]}" "$@" >> "$LOG" 2>&1 ||
+    echo "collect_results.py failed (see log.txt)" >&2
 }
+# Rows as they are measured: re-collect within a second of any change of a step's JSON, the steps list or the
+# gpu tests' output (the only files collect_results.py reads while the box runs).
+watch_rows() {
+  local seen="" now
+  while kill -0 "$$" 2>/dev/null; do   # ends with the box, however the box ends
+    now=$(stat -c '%n %i %s %Y' "$WORK"/*.json "$WORK"/steps.jsonl "$WORK"/gpu_*.log 2>/dev/null)
+    if [[ $now != "$seen" ]]; then seen=$now; collect; fi
+    sleep 1
+  done
+}
+collect
+watch_rows &
+WATCHER=$!
+trap 'kill $WATCHER 2>/dev/null' EXIT
 
 FAILED=0
-# step NAME COMMAND...: run under timeout until the budgets up to this step are spent (its own plus what earlier
-# steps left unused; never past TOTAL_S), log, record, flush
+# step NAME COMMAND...: run NAME under timeout with what the box has left but the selected later steps'
+# budgets and the write-up's; log it and add it to steps.jsonl (which the watcher collects)
 step() {
   local name="$1"; shift
-  local now elapsed limit rc status start cum
-  now=$(date +%s); elapsed=$((now - T0)); cum=$(upto "$name")
-  limit=$(( (cum < TOTAL_S ? cum : TOTAL_S) - elapsed ))
+  [[ " ${SELECTED[*]} " == *" $name "* ]] || return 0
+  local now elapsed limit rc status start
+  now=$(date +%s); elapsed=$((now - T0))
+  limit=$(( TOTAL_S - elapsed - $(reserved "$name") ))
   if (( limit < 5 )); then
     status=skipped; rc=-1; start=$now
     echo "== $name: skipped, $((TOTAL_S - elapsed))s left of ${TOTAL_S}s" | tee -a "$LOG"
@@ -195,22 +317,27 @@ step() {
   fi
   local secs=$(( $(date +%s) - start ))
   [[ $status == ok ]] || FAILED=1
-  printf '{"name": "%s", "status": "%s", "rc": %d, "seconds": %d, "budget_s": %d, "started_at_s": %d}\n' \
-    "$name" "$status" "$rc" "$secs" "$(budget "$name")" "$((start - T0))" >> "$WORK/steps.jsonl"
-  printf '[%4ds] %-20s %-8s %4ds (budget %ds)\n' "$(( $(date +%s) - T0 ))" "$name" "$status" "$secs" \
+  # one write per line: the watcher may read the file at any moment
+  local line='{"name": "%s", "status": "%s", "rc": %d, "seconds": %d, "budget_s": %d, "limit_s": %d, "started_at_s": %d}'
+  printf "$line\n" "$name" "$status" "$rc" "$secs" "$(budget "$name")" "$(( limit > 0 ? limit : 0 ))" \
+    "$((start - T0))" >> "$WORK/steps.jsonl"
+  printf '[%4ds] %-12s %-8s %4ds (budget %ds)\n' "$(( $(date +%s) - T0 ))" "$name" "$status" "$secs" \
     "$(budget "$name")"
-  collect
 }
 
 # ------------------------------------------------------------------------------------------- the steps
-# --continue-on-collection-errors: a test module the host cannot import fails the step, but the gpu tests still run
-step gpu_tests "$PY" -m pytest -m gpu "${GPU_TESTS[@]}" -v -p no:cacheprovider --continue-on-collection-errors tests
-step dataset "$PY" -m pipelines.photo_set "$DATA" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --classes "$CLASSES"
-step flops bash -c '"$0" benchmarks/flops_check.py --json > "$1"' "$PY" "$WORK/flops.json"
-step ceilings "$PY" benchmarks/train_throughput.py "${TT[@]}" "${CEIL[@]}" --json "$WORK/ceilings.json"
-step pipeline "$PY" benchmarks/pipeline_throughput.py --data "$DATA" "${PIPE[@]}" --json "$WORK/pipeline.json"
+# as a file, not -m: the pipelines package imports torch, which the probe does without
+step hw_decoder "$PY" pipelines/hw_decoder.py --json "$WORK/hw_decoder.json"
+# the manifests make every later loader's pre-flight a size/mtime comparison instead of reading every file
+step dataset bash -c '"$0" -m pipelines.photo_set "$1" --num-train "$2" --num-val "$3" --classes "$4" &&
+  if [[ -f $1/train/.manifest.tsv && -f $1/val/.manifest.tsv ]]; then echo "manifests: already written"
+  else "$0" -m pipelines.verify "$1" --manifest; fi' "$PY" "$DATA" "$NUM_TRAIN" "$NUM_VAL" "$CLASSES"
 step end_to_end "$PY" benchmarks/train_throughput.py "${TT[@]}" "${E2E[@]}" --variants none \
-  --loaders torchvision,dali --data-root "$DATA" --set "data.num_classes=$CLASSES" --json "$WORK/e2e.json"
+  --data-root "$DATA" --set "data.num_classes=$CLASSES" --json "$WORK/end_to_end.json"
+step ceilings "$PY" benchmarks/train_throughput.py "${TT[@]}" "${CEIL[@]}" --json "$WORK/ceilings.json"
+step dali_sweep "$PY" benchmarks/pipeline_throughput.py --data "$DATA" "${PIPE[@]}" --json "$WORK/dali_sweep.json"
+step batch_512 "$PY" benchmarks/train_throughput.py "${TT[@]}" "${BIG[@]}" --json "$WORK/batch_512.json"
+step variants "$PY" benchmarks/train_throughput.py "${TT[@]}" "${VARIANTS[@]}" --json "$WORK/variants.json"
 step profile "$PY" benchmarks/profile_step.py "${PROF[@]}" --out "$OUT" --data-root "$DATA" \
   --set "data.num_classes=$CLASSES" --json "$WORK/profile.json"
 # The trainer as a user starts it: its defaults (DALI with the auto loader settings, AMP + compile on CUDA),
@@ -220,20 +347,24 @@ step ddp "$PY" benchmarks/train_steps.py --steps "$DDP_STEPS" --steps-per-epoch 
   --data imagenet-aggressive --optim SGD-120-nesterov --sched StepLR-30-0.1 --label ddp-bench --fresh \
   "${DDP[@]}" "data.root=$DATA" "data.num_classes=$CLASSES" "data.loader=$DDP_LOADER" optim.epochs=3 \
   train.eval_every=0 train.plot=false "train.output_dir=$WORK/ddp"
-[[ $MODE == gpu ]] && step gpu_demo "$PY" -m pytest -m gpu -k digits_demo -v -p no:cacheprovider \
-  --continue-on-collection-errors tests
-if [[ $MODE == cpu ]]; then
-  # DDP cost on gloo: the same per-rank step, 1 rank vs 2 ranks (1 thread each, so they do not share a core)
-  for n in 1 2; do
-    step "ddp_gloo_$n" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
-      benchmarks/train_throughput.py --ddp --device cpu --threads 1 --widths 0.25 --batch-sizes 8 --image-size 128 \
-      --variants channels_last --warmup 2 --windows 3 --window-s 0.3 --json "$WORK/ddp_gloo_$n.json"
-  done
-fi
+# --continue-on-collection-errors: a test module the host cannot import fails the step, but the gpu tests still run
+step gpu_tests "$PY" -m pytest -m gpu "${GPU_TESTS[@]}" -v -p no:cacheprovider --continue-on-collection-errors tests
+step gpu_demo "$PY" -m pytest -m gpu -k digits_demo -v -p no:cacheprovider --continue-on-collection-errors tests
+# DDP cost on gloo (CPU): the same per-rank step, 1 rank vs 2 ranks (1 thread each, so they do not share a core)
+for n in 1 2; do
+  step "ddp_gloo_$n" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
+    benchmarks/train_throughput.py --ddp --device cpu --threads 1 --widths 0.25 --batch-sizes 8 --image-size 128 \
+    --variants channels_last --warmup 2 --windows 3 --window-s 0.3 --json "$WORK/ddp_gloo_$n.json"
+done
 
+kill "$WATCHER" 2>/dev/null
+wait "$WATCHER" 2>/dev/null
 collect --chart
 # the GPU host returns files of at most 16 MiB: keep the log's end if it grew past that
 if (( $(stat -c %s "$LOG") > 15000000 )); then tail -c 15000000 "$LOG" > "$LOG.tail" && mv "$LOG.tail" "$LOG"; fi
 echo "run_gpu.sh: done in $(( $(date +%s) - T0 ))s; results in $OUT" | tee -a "$LOG"
 cat "$OUT/results.md" 2>/dev/null
+rerun=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("rerun_from") or "")' "$OUT/results.json" \
+        2>/dev/null)
+[[ -n $rerun ]] && echo "rerun: --from $rerun   (steps cut or failed from there on; run_gpu.sh's header, step 4)"
 exit $FAILED

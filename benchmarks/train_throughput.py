@@ -13,9 +13,19 @@ runs.
   per round.
 * end to end (``--loaders dali,torchvision``): pipelines.build_loader over the JPEGs under ``--data-root``,
   trained with ``--e2e-variant``, beside that variant's synthetic ceiling measured in the same process:
-  e2e / ceiling says how data-bound training is. ``--dali-settings 0.65:4,0.99:8`` runs DALI once per
-  hw_decoder_load:threads pair (CUDA). Loaders run one after the other, not interleaved: their queues fill
-  while idle, and a window that starts on a full queue would time prefetched batches.
+  e2e / ceiling says how data-bound training is. The loaders get the trainer's ``auto`` settings unless
+  ``--loader-threads`` or ``--dali-settings 0.65:4,0.99:auto`` (CUDA: DALI once per hw_decoder_load:threads
+  pair) say otherwise. Loaders run one after the other, not interleaved: their queues fill while idle, and a
+  window that starts on a full queue would time prefetched batches. While a DALI row's windows run on CUDA,
+  NVML samples the hardware JPEG engines' utilisation (pipelines.hw_decoder): the proof that
+  hw_decoder_load reached them.
+
+Compilation: every torch.compile here is ``dynamic=False`` (each measurement's shapes are fixed: a second
+batch size gets its own static graph, not a dynamic-shape one), dynamo's recompile limit is raised to
+RECOMPILE_LIMIT and reaching it is an error instead of dynamo's silent fall-back to eager code. Each
+compiled row reports the graphs dynamo compiled for it, inductor's FX-graph cache hits and misses (one cache
+directory, TORCHINDUCTOR_CACHE_DIR, serves every process of benchmarks/run_gpu.sh), graph breaks, and the
+graphs compiled inside its timed windows, which must be 0: a row that compiled while timed is an error.
 
 Timing: warm-up steps first (cuDNN autotuning, compilation, graph capture; a compiled variant's first step is
 reported as ``first_step_s``), then ``--windows`` windows of wall time between device synchronisations; each
@@ -125,17 +135,50 @@ def matmul_bf16_rate(device: torch.device, n: int = 8192, reps: int = 10) -> flo
 
 # ------------------------------------------------------------------------------------------ model and step
 def prepare(module: nn.Module, variant: Variant, info: DistInfo, backend: str) -> nn.Module:
-    """engine.prepare_model with the variant's switches (``backend``: aot_eager for the --cpu smoke run,
-    where inductor's C++ builds take minutes on 2 cores)."""
+    """engine.prepare_model with the variant's switches, static shapes (``backend``: aot_eager for the --cpu
+    smoke run, where inductor's C++ builds take minutes on 2 cores)."""
     cfg = TrainConfig(channels_last=variant.channels_last, compile="on" if variant.compile else "off",
                       compile_backend=backend, compile_mode=variant.compile_mode)
-    return prepare_model(module, cfg, info)[0]
+    return prepare_model(module, cfg, info, dynamic=False)[0]
 
 
-def cudagraph_skips() -> int:
-    """How often inductor has declined to use CUDA graphs in this process (its own counter)."""
+# ------------------------------------------------------------------------------------------ compilation
+RECOMPILE_LIMIT = 64   # dynamo's default is 8 per code object; each width x batch x compile mode is one entry
+
+
+def refuse_eager_fallback() -> dict:
+    """Raise dynamo's recompile limit above what one process here compiles, and make reaching it an error:
+    by default dynamo then runs the frame eagerly with a warning, and a 'compiled' row would time eager code.
+    Returns the settings, for the results."""
+    import torch._dynamo.config as dynamo
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"   # before 2.6
+    fail = next((name for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                 if hasattr(dynamo, name)), None)
+    setattr(dynamo, limit, RECOMPILE_LIMIT)
+    if fail:
+        setattr(dynamo, fail, True)
+    return {"recompile_limit": RECOMPILE_LIMIT, "limit_hit_is_an_error": fail is not None,
+            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(torch's default)")}
+
+
+def compile_counters() -> dict[str, int]:
+    """dynamo's and inductor's process-wide counters of what was compiled, and from where."""
     from torch._dynamo.utils import counters
-    return counters["inductor"]["cudagraph_skips"]
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "fx_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+def counted_since(before: dict[str, int]) -> dict[str, int]:
+    return {key: value - before[key] for key, value in compile_counters().items()}
+
+
+def compile_columns(built: dict[str, int], in_windows: dict[str, int]) -> dict:
+    """A compiled row's columns: what its build and warm-up compiled, and what its timed windows did."""
+    return {"graphs": built["graphs"], "graph_breaks": built["graph_breaks"],
+            "fx_cache": f"{built['fx_cache_hits']} hit / {built['fx_cache_misses']} miss",
+            "graphs_in_windows": in_windows["graphs"]}
 
 
 def step_of(trainer: Trainer, variant: Variant):
@@ -263,26 +306,28 @@ class Runner:
 
 # ------------------------------------------------------------------------------------------------ phases
 def model_only(args, info: DistInfo, width: float, batch: int, cost: Callable[[Variant], Cost]) -> list:
-    trainers, runners, skipped = {}, {}, {}
+    trainers, runners, built = {}, {}, {}
     for name in args.variants:
         v = VARIANTS[name]
         dtype = synthetic_dtype(v, info.device)
+        before = compile_counters()
         trainers[name] = t = build_trainer(width, v, info, args.compile_backend)
         r = Runner(step_of(t, v), synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device),
                    batch, info)
-        skips = cudagraph_skips()
         r.warm_up(args.warmup, args.window_s)
         runners[name] = r
-        if v.compile_mode == "reduce-overhead":   # inductor falls back to no graph, with a warning, when it must
-            skipped[name] = cudagraph_skips() - skips
+        built[name] = counted_since(before)
+    before = compile_counters()
     windows = interleave({name: r.window for name, r in runners.items()}, args.windows)
+    in_windows = counted_since(before)
     rows = []
     for name, r in runners.items():
         row = r.result(windows[name], cost(VARIANTS[name]))
         if VARIANTS[name].compile:   # the first step's excess over a steady step
             row["compile_s"] = round(row["first_step_s"] - row["step_ms"] / 1e3, 2)
-        if name in skipped:
-            row["cudagraph_skips"] = skipped[name]
+            row.update(compile_columns(built[name], in_windows))
+        if VARIANTS[name].compile_mode == "reduce-overhead":   # inductor falls back to no graph when it must
+            row["cudagraph_skips"] = built[name]["cudagraph_skips"]
         rows.append({"mode": "ddp" if args.ddp else "model-only", "width": width, "batch": batch,
                      "world_size": info.world_size, "variant": name, "data": "synthetic", **row})
         if info.distributed:
@@ -316,12 +361,18 @@ def loader_settings(args, device: torch.device) -> list[tuple[str, str, list[str
     return settings
 
 
+def jpeg_engine_columns(use) -> dict:
+    """A DALI row's NVML samples of the hardware JPEG engines (pipelines.hw_decoder.JpegEngineUse)."""
+    return {"jpeg_engine_max_pct": max(use.samples) if use.samples else "n/a", "jpeg_engines": use.summary()}
+
+
 def end_to_end(args, info: DistInfo, width: float, batch: int, cost: Cost, flush: Callable[[dict], None]) -> None:
     """The e2e variant's synthetic ceiling, then each loader setting in turn feeding that same trainer.
     Loaders are built per width and closed after it: the ceiling runs while no loader's workers or threads
     compete for the CPU, and each row is flushed before the next loader starts."""
     import pipelines
     from pipelines.base import image_dtype
+    from pipelines.hw_decoder import JpegEngineSampler
 
     def data_config(loader_name: str, overrides: list[str]):
         return loader_config(args.data_root, loader_name, args.image_size, [*overrides, *args.set], info.device)[0]
@@ -329,12 +380,17 @@ def end_to_end(args, info: DistInfo, width: float, batch: int, cost: Cost, flush
     v = VARIANTS[args.e2e_variant]
     settings = loader_settings(args, info.device)
     dtype = image_dtype(data_config(*settings[0][::2]), info.device)   # what the loaders hand over
+    before = compile_counters()
     trainer = build_trainer(width, v, info, args.compile_backend)
     step = step_of(trainer, v)
     ceiling = Runner(step, synthetic_batches(batch, args.image_size, dtype, v.channels_last, info.device),
                      batch, info)
     ceiling.warm_up(args.warmup, args.window_s)
+    built = counted_since(before)
+    before = compile_counters()
     c = ceiling.result([ceiling.window() for _ in range(args.windows)], cost)
+    ceiling_compile = compile_columns(built, counted_since(before)) if v.compile else {}
+    cuda_index = (info.device.index or 0) if info.device.type == "cuda" else None
     for loader_name, label, overrides in settings:
         data = data_config(loader_name, overrides)
         started = time.perf_counter()
@@ -347,14 +403,21 @@ def end_to_end(args, info: DistInfo, width: float, batch: int, cost: Cost, flush
         # are drained by it, so that no timed window starts on a full queue
         queued = data.prefetch_queue_depth * (data.num_threads if loader_name == "torchvision" else 1)
         e2e = Runner(step, batches, batch, info)
+        before = compile_counters()
         e2e.warm_up(args.warmup + queued, args.window_s)
-        row = e2e.result([e2e.window() for _ in range(args.windows)], cost)
+        built = counted_since(before)
+        before = compile_counters()
+        with JpegEngineSampler(cuda_index if loader_name == "dali" else None) as jpeg_use:
+            windows = [e2e.window() for _ in range(args.windows)]
+        row = e2e.result(windows, cost)
         row.update({"mode": "end-to-end", "width": width, "batch": batch, "world_size": info.world_size,
                     "variant": args.e2e_variant, "data": label, "loader": loader_name,
                     "loader_threads": data.num_threads, "prefetch": data.prefetch_queue_depth,
                     "hw_decoder_load": data.hw_decoder_load if loader_name == "dali" else "-",
                     "loader_start_s": round(start_s, 2), "ceiling_img_s": c["img_s"],
-                    "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3)})
+                    "e2e_vs_ceiling": round(row["img_s"] / c["img_s"], 3), "ceiling_compile": ceiling_compile,
+                    **(compile_columns(built, counted_since(before)) if v.compile else {}),
+                    **(jpeg_engine_columns(jpeg_use) if loader_name == "dali" else {})})
         flush(row)
         batches.close()
         del loader, batches, e2e
@@ -367,8 +430,10 @@ COLUMNS = (("mode", "mode"), ("width", "width"), ("batch", "batch/rank"), ("worl
            ("spread_pct", "spread %"), ("data_wait_pct", "data wait %"), ("peak_mem_mib", "peak MiB"),
            ("device_used_mib", "device used MiB"), ("mfu_pct", "MFU %"), ("act_tb_s", "act. TB/s"),
            ("bw_pct", "% of bandwidth"), ("first_step_s", "1st step s"), ("compile_s", "compile s"),
-           ("cudagraph_skips", "graph skips"), ("ceiling_img_s", "ceiling img/s"), ("e2e_vs_ceiling", "e2e/ceiling"),
-           ("allreduce_ms", "all-reduce ms"))
+           ("cudagraph_skips", "graph skips"), ("graphs", "graphs compiled"), ("fx_cache", "FX cache"),
+           ("graph_breaks", "graph breaks"), ("graphs_in_windows", "graphs in windows"),
+           ("ceiling_img_s", "ceiling img/s"), ("e2e_vs_ceiling", "e2e/ceiling"),
+           ("jpeg_engine_max_pct", "JPEG engines max %"), ("allreduce_ms", "all-reduce ms"))
 
 
 def report_markdown(result: dict) -> str:
@@ -396,9 +461,13 @@ def csv_list(kind):
     return parse
 
 
-def hw_threads(text: str) -> tuple[float, int]:
+def hw_threads(text: str) -> tuple[float, int | str]:
     hw, threads = text.split(":")
-    return float(hw), int(threads)
+    return float(hw), threads if threads == "auto" else int(threads)
+
+
+def threads_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -419,11 +488,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-root", help="ImageFolder root holding train/ (for --loaders)")
     ap.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
                     help="extra config overrides for the loaders (repeatable)")
-    ap.add_argument("--loader-threads", type=int, default=0,
-                    help="data.num_threads (DALI threads / DataLoader workers); default: all usable cores")
+    ap.add_argument("--loader-threads", type=threads_or_auto, default="auto",
+                    help="data.num_threads (DALI threads / DataLoader workers); default auto: the trainer's rule "
+                         "(pipelines.defaults)")
     ap.add_argument("--dali-settings", type=csv_list(hw_threads), default=[], metavar="HW:THREADS,...",
-                    help="CUDA: DALI end to end once per hw_decoder_load:num_threads pair, e.g. 0.65:4,0.99:8 "
-                         "(default: one DALI row with --loader-threads)")
+                    help="CUDA: DALI end to end once per hw_decoder_load:num_threads pair, e.g. 0.65:4,0.99:auto "
+                         "(default: one DALI row with --loader-threads and the auto hw_decoder_load)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per variant (default 3)")
@@ -452,8 +522,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--loaders needs --data-root (an ImageFolder root with train/)")
     if args.ddp and args.loaders:
         ap.error("--ddp measures model-only steps; end to end under DDP is train_ddp.py's job")
-    if args.loaders and not args.loader_threads:
-        args.loader_threads = len(os.sched_getaffinity(0))
     return args
 
 
@@ -479,6 +547,8 @@ def main(argv=None) -> int:
         result["meta"]["command"] = shlex.join([sys.executable, "-m", "torch.distributed.run",
                                                 f"--nproc_per_node={local}", f"--nnodes={world // local}",
                                                 *command_argv])
+    if any(VARIANTS[name].compile for name in args.variants) or (args.loaders and VARIANTS[args.e2e_variant].compile):
+        result["compile_check"] = refuse_eager_fallback()
     if info.device.type == "cuda":
         result["matmul_bf16_tflops"] = round(matmul_bf16_rate(info.device) / 1e12, 1)
         result["copy_tb_s"] = round(copy_bandwidth(info.device) / 1e12, 2)
@@ -491,6 +561,9 @@ def main(argv=None) -> int:
     def flush(row: Optional[dict] = None) -> None:
         if row is not None:
             result["rows"].append(row)
+            if row.get("graphs_in_windows"):
+                result["errors"].append(f"{row['width']}x batch {row['batch']} {row['variant']} {row['data']}: "
+                                        f"{row['graphs_in_windows']} graph(s) compiled inside the timed windows")
             if info.is_main:
                 table = markdown_table([row], COLUMNS).splitlines()
                 print("\n".join(table if len(result["rows"]) == 1 else table[-1:]), flush=True)

@@ -158,10 +158,13 @@ def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
-def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple[nn.Module, nn.Module]:
+def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo,
+                  dynamic: Optional[bool] = None) -> tuple[nn.Module, nn.Module]:
     """Device, memory format, torch.compile, then DDP. Returns (what to train, what to evaluate): evaluation
     skips DDP, whose forward would broadcast buffers - a collective per batch, and ranks may hold different
-    numbers of val batches.
+    numbers of val batches. ``dynamic`` is torch.compile's: None (its default) turns a second input shape into
+    a dynamic-shape graph, False compiles every shape as its own static graph (the benchmarks, whose shapes
+    are fixed per measurement).
 
     Compile wraps the plain module *before* DDP (as PyTorch's guidance for wrappers and timm do): DDP then
     sees an ordinary module and registers its hooks on real parameters, and checkpoint keys are predictable
@@ -173,7 +176,7 @@ def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple
     if train.channels_last:
         model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN's fast conv kernels want
     if compile_enabled(train, info.device):
-        model = torch.compile(model, backend=train.compile_backend,
+        model = torch.compile(model, backend=train.compile_backend, dynamic=dynamic,
                               mode=None if train.compile_mode == "default" else train.compile_mode)
     if not info.distributed:
         return model, model

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -457,3 +459,51 @@ def test_truncated_jpeg_is_refused_on_the_gpu_path(truncated_root):
     root, victim = truncated_root
     with pytest.raises(CorruptImageError, match=victim.name):
         build_loader(small(root, 3), "train", 2, device=gpu)
+
+
+def jpeg_engines_busy(loader, seconds: float):
+    """NVML's samples of the JPEG engines (pipelines.hw_decoder.JpegEngineUse) while ``loader`` hands over
+    batches for ``seconds``, epoch after epoch, after one batch that builds the pipeline."""
+    from pipelines.hw_decoder import JpegEngineSampler
+
+    def endless():
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            yield from loader
+    batches = endless()
+    next(batches)
+    with JpegEngineSampler(0) as use:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            next(batches)
+        torch.cuda.synchronize()
+    return use
+
+
+@pytest.mark.gpu
+def test_hw_decoder_load_099_decodes_on_the_hardware_jpeg_decoder(tmp_path):
+    """On a GPU whose die carries the hardware JPEG decoder (pipelines.defaults.has_hw_jpeg_decoder, what
+    hw_decoder_load 'auto' goes by), DALI's mixed decode at hw_decoder_load 0.99 must use it: nvJPEG must
+    create its hardware backend and report engines (pipelines.hw_decoder.probe: what nvImageCodec needs to
+    give the decoder any share), and NVML must see the JPEG engines busy while the project's loader decodes
+    photo JPEGs - and idle at hw_decoder_load 0, so that the samples tell the two apart. Fails where the
+    decoder is there but unusable (e.g. a container without the driver's video capability): the mixed-decode
+    test above passes on the CUDA decoder alone."""
+    from pipelines.defaults import has_hw_jpeg_decoder
+    from pipelines.hw_decoder import probe
+    from pipelines.photo_set import build_photo_set
+    gpu = torch.device("cuda", 0)
+    name, capability = torch.cuda.get_device_name(gpu), torch.cuda.get_device_capability(gpu)
+    if not has_hw_jpeg_decoder(name, capability):
+        pytest.skip(f"{name} (sm_{capability[0]}{capability[1]}) carries no hardware JPEG decoder")
+    found = probe()
+    assert found.usable, found.status
+    root = tmp_path / "photos"
+    build_photo_set(root, num_train=512, num_val=0, num_classes=4)   # 500x375 q90 4:2:0: what the engine takes
+    busiest = {}
+    for load in (0.0, 0.99):
+        data = small(root, 4, hw_decoder_load=load, num_threads=4, prefetch_queue_depth=2, crop_size=224)
+        use = jpeg_engines_busy(build_loader(data, "train", 128, device=gpu), seconds=3.0)
+        assert use.samples, f"NVML could not sample the JPEG engines ({use.status}): their use is unproven"
+        busiest[load] = max(use.samples)
+    assert busiest[0.99] > 0 and busiest[0.0] < busiest[0.99], busiest

@@ -175,6 +175,29 @@ def test_compile_matches_eager():
         assert (results["on"][1][name] - grad).norm() <= 1e-2 * grad.norm() + 1e-7, name
 
 
+@pytest.mark.parametrize("dynamic,second_shape_symbolic", [(None, True), (False, False)])
+def test_prepare_model_dynamic_false_compiles_a_second_batch_size_statically(dynamic, second_shape_symbolic):
+    """torch.compile's default turns the second batch size it sees into a dynamic-shape graph (a symbolic
+    batch dimension: slower kernels, what the batch-512 ceilings used to measure); prepare_model(dynamic=False),
+    as the benchmarks call it, compiles that batch as a static graph of its own. Dynamo only (a recording
+    backend): no code generation, so this runs in seconds."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs])
+        return gm.forward
+    torch._dynamo.reset()
+    info = init_distributed("cpu")
+    model, _ = prepare_model(FDMobileNet(width_mult=0.25, num_classes=10),
+                             TrainConfig(compile="on", compile_backend=recording_backend, channels_last=False),
+                             info, dynamic=dynamic)
+    for batch in (4, 6):
+        model(torch.randn(batch, 3, 32, 32))
+    assert len(graphs) == 2 and not any(graphs[0])
+    assert any(graphs[1]) == second_shape_symbolic
+
+
 def test_accuracy_topk():
     output = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.8, 0.1, 0.05, 0.03, 0.01, 0.0]])
     top1, top5 = accuracy(output, torch.tensor([1, 5]))
