@@ -155,7 +155,8 @@ def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple
         model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN's fast conv kernels want
     if compile_enabled(train, info.device):
         model = torch.compile(model, backend=train.compile_backend,
-                              mode=None if train.compile_mode == "default" else train.compile_mode)
+                              mode=None if train.compile_mode == "default" else train.compile_mode,
+                              dynamic={"auto": None, "on": True, "off": False}[train.compile_dynamic])
     if not info.distributed:
         return model, model
     ddp = nn.parallel.DistributedDataParallel(
@@ -378,7 +379,8 @@ def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: Ch
     s = state.sums
     loss_sum, correct, samples = all_reduce_sum(
         torch.tensor([s.loss, s.correct, s.samples], dtype=torch.float64, device=info.device), info).tolist()
-    return {"epoch": state.epoch + 1, "lr": s.lr, "train_loss": loss_sum / max(samples, 1),
+    return {"epoch": state.epoch + 1, "train_res": state.loader.image_size, "lr": s.lr,
+            "train_loss": loss_sum / max(samples, 1),
             "train_top1": 100.0 * correct / max(samples, 1), "img_s": samples / max(s.seconds, 1e-9),
             "epoch_time_s": s.seconds}
 

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import loader_support
+from fdmobilenet.config import ResolutionRamp
 from loader_support import epoch_labels
 from pipelines import CorruptImageError, DataError, build_loader
 from pipelines.base import split_dir
@@ -187,6 +188,43 @@ def test_checkpoint_resumes_the_exact_batches(unique_root, tmp_path):
     for (la, xa), (lb, xb) in zip(rest + nxt, rest2 + nxt2):
         assert la == lb and torch.equal(xa, xb)                      # same files, same random crops/flips
     assert build_loader(data, "val", 2, device=CPU).state_dict() == {}
+
+
+def test_a_change_of_resolution_keeps_the_reader_going_and_resumes_exactly(unique_root, tmp_path):
+    """At a change of training resolution the pipeline is rebuilt from a DALI checkpoint at the batches handed
+    out, not at those prefetched: after the change the batches are exactly those of a run at that size from the
+    start (same files, same random crops and flips), and a loader restored from the state saved two batches
+    after the change yields the rest of them."""
+    ramp = small(unique_root, 11, crop_size=64, prefetch_queue_depth=2,
+                 train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
+    fixed = dataclasses.replace(ramp, train_res=None)
+
+    def batches(loader, epochs, stop_after=None):
+        out = []
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                out.append((epoch, labels.tolist(), images.clone()))
+                if len(out) == stop_after:
+                    return out
+        return out
+
+    straight = batches(build_loader(ramp, "train", 2, device=CPU), range(3))
+    at_64 = batches(build_loader(fixed, "train", 2, device=CPU), range(3))
+    assert [b[2].shape[-1] for b in straight] == [32] * 5 + [64] * 10
+    assert [b[1] for b in straight] == [b[1] for b in at_64]                 # the reader's order is untouched
+    for (_, _, a), (_, _, b) in zip(straight[5:], at_64[5:]):
+        assert torch.equal(a, b)
+
+    loader = build_loader(ramp, "train", 2, device=CPU)
+    batches(loader, range(2), stop_after=7)                                  # epoch 0, then 2 batches at 64 px
+    torch.save(loader.state_dict(), tmp_path / "loader.pt")
+    resumed = build_loader(ramp, "train", 2, device=CPU)
+    resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
+    rest = batches(resumed, [1, 2])
+    assert len(rest) == 8
+    for (ea, la, a), (eb, lb, b) in zip(straight[7:], rest):
+        assert (ea, la) == (eb, lb) and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------- bad data

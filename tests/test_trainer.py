@@ -175,6 +175,23 @@ def test_compile_matches_eager():
         assert (results["on"][1][name] - grad).norm() <= 1e-2 * grad.norm() + 1e-7, name
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic, graphs", [("off", 2), ("on", 1)])
+def test_a_compiled_model_compiles_per_training_size_not_per_step(dynamic, graphs):
+    """A data.train_res ramp changes the batch's size a few times in a run: with train.compile_dynamic=off
+    dynamo compiles one static graph per size, with on one dynamic graph for all - never one per step. (The
+    eager backend: dynamo's graphs without inductor's builds, still ~5 s each to trace here; which variant
+    trains faster: benchmarks/compile_resolutions.py.)"""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    t, _, labels = tiny_trainer(TrainConfig(compile="on", compile_backend="eager", compile_dynamic=dynamic))
+    for size in (64, 64, 96, 96, 96):
+        t.step(torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last), labels)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_accuracy_topk():
     output = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.8, 0.1, 0.05, 0.03, 0.01, 0.0]])
     top1, top5 = accuracy(output, torch.tensor([1, 5]))
