@@ -305,8 +305,10 @@ def check_data(data: DataConfig) -> None:
     if data.train_res is None:
         return
     if data.crop_size < RES_STEP or data.crop_size % RES_STEP:
+        below = max(RES_STEP, data.crop_size // RES_STEP * RES_STEP)
         raise ConfigError(f"data.train_res ramps to data.crop_size, which must then be a positive multiple of "
-                          f"{RES_STEP}, got {data.crop_size}")
+                          f"{RES_STEP}, got {data.crop_size}: use e.g. {below} or {below + RES_STEP}, or "
+                          f"data.train_res=null for one size every epoch")
     if data.train_crop != "random_resized":
         raise ConfigError(f"data.train_res needs data.train_crop=random_resized (its crop is relative to the "
                           f"image); train_crop={data.train_crop} crops a fixed size out of data.train_resize")

@@ -149,6 +149,9 @@ def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple
     (``module._orig_mod.`` stripped by fdmobilenet.checkpoint). The cost is that the compiled backward is
     one graph, so gradient all-reduce overlaps less with compute; at 0.4-2.9 M parameters (one or two DDP
     buckets) that overlap is worth little.
+
+    ``train.compile_dynamic`` picks static shapes (a graph per image size: the few sizes of a data.train_res
+    ramp and the val size) or dynamic ones; benchmarks/compile_resolutions.py measured which trains faster.
     """
     model.to(info.device)
     if train.channels_last:

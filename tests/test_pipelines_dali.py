@@ -441,6 +441,25 @@ def test_gpu_placement_matches_the_cpu_graph(photo_root):
     assert torch.equal(on_side[1], on_cpu[1]) and (on_side[0] - on_cpu[0]).abs().mean() < 0.05
 
 
+@pytest.mark.gpu
+def test_the_gpu_pipeline_follows_the_resolution_ramp_without_losing_its_place(unique_root):
+    """The mixed-decode train pipeline across a change of size (32 -> 64 px at epoch 2): batches at each
+    epoch's size on the GPU, and the same files in the same order as the CPU graph read them."""
+    gpu = torch.device("cuda", 0)
+    data = small(unique_root, 11, crop_size=64, prefetch_queue_depth=2,
+                 train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
+    orders = {}
+    for device in (gpu, CPU):
+        loader = build_loader(data, "train", 2, device=device)
+        orders[device.type] = []
+        for epoch, size in enumerate([32, 64, 64]):
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                assert images.shape[-2:] == (size, size) and images.device == device
+                orders[device.type] += labels.tolist()
+    assert orders["cuda"] == orders["cpu"] and len(orders["cpu"]) == 30
+
+
 @pytest.fixture
 def one_photo(tmp_path) -> Path:
     """skimage's chelsea (451x300), saved as 8 copies of one JPEG (q90, 4:4:4) in a one-class folder."""
