@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from common import describe, environment, markdown_table, record, typed_command
+from common import describe, environment, fill, markdown_table, record, typed_command
 
 VARIANTS = ("eager", "off", "on", "auto")
 
@@ -142,9 +142,9 @@ def main() -> None:
             print(f"round {r + 1}: {v} {runs[v][-1]['total_s']:.1f} s", flush=True)
     rows = summarize(runs)
     phases = [ph["phase"] for ph in runs[variants[0]][0]["phases"]]
-    columns = [("variant", "compile_dynamic"), ("total_s", "sequence s"), ("graphs", "graphs")]
+    columns = [("variant", "compile_dynamic"), ("total_s", "total s"), ("graphs", "graphs")]
     columns += [(f"first {i}", f"1st {p} s") for i, p in enumerate(phases)]
-    columns += [(f"step {i}", f"{p} ms/step") for i, p in enumerate(phases) if p.startswith("train")]
+    columns += [(f"step {i}", f"{p.split()[1]} ms/step") for i, p in enumerate(phases) if p.startswith("train")]
     table = markdown_table(rows, columns)
     meta["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     text = (f"{describe(meta)}\n\nFD-MobileNet {args.width:g}x, batch {args.batch}, {args.threads} torch thread(s), "
@@ -152,6 +152,7 @@ def main() -> None:
             f"{args.steps} eval batches at {args.val_size}; median of {args.rounds} rounds (fresh process and "
             f"inductor cache per variant and round); load average after: "
             f"{' / '.join(map(str, meta['load_avg_after']))}\n\n{table}\n")
+    text = fill(text)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")

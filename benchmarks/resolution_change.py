@@ -20,7 +20,7 @@ from statistics import median
 
 import torch
 
-from common import describe, environment, markdown_table, record, typed_command
+from common import describe, environment, fill, markdown_table, record, typed_command
 from fdmobilenet.config import ResolutionRamp, load_experiment
 from pipelines import build_loader
 
@@ -78,6 +78,7 @@ def main() -> None:
     text = (f"{describe(meta)}\n\nDALI CPU graph, {args.threads} threads, batch {args.batch}, imagenet-aggressive "
             f"augmentation over {args.data}; median of {args.rounds} alternating rounds; load average after: "
             f"{load}\n\n{table}\n")
+    text = fill(text)
     print(text)
     if args.record:
         record("Training-resolution schedule", text)
