@@ -193,8 +193,8 @@ def test_checkpoint_resumes_the_exact_batches(unique_root, tmp_path):
 def test_a_change_of_resolution_keeps_the_reader_going_and_resumes_exactly(unique_root, tmp_path):
     """At a change of training resolution the pipeline is rebuilt from a DALI checkpoint at the batches handed
     out, not at those prefetched: after the change the batches are exactly those of a run at that size from the
-    start (same files, same random crops and flips), and a loader restored from the state saved two batches
-    after the change yields the rest of them."""
+    start (same files, same random crops and flips), and a loader restored from a state saved just before
+    the change, or two batches after it, yields the rest of them."""
     ramp = small(unique_root, 11, crop_size=64, prefetch_queue_depth=2,
                  train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
     fixed = dataclasses.replace(ramp, train_res=None)
@@ -216,15 +216,16 @@ def test_a_change_of_resolution_keeps_the_reader_going_and_resumes_exactly(uniqu
     for (_, _, a), (_, _, b) in zip(straight[5:], at_64[5:]):
         assert torch.equal(a, b)
 
-    loader = build_loader(ramp, "train", 2, device=CPU)
-    batches(loader, range(2), stop_after=7)                                  # epoch 0, then 2 batches at 64 px
-    torch.save(loader.state_dict(), tmp_path / "loader.pt")
-    resumed = build_loader(ramp, "train", 2, device=CPU)
-    resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
-    rest = batches(resumed, [1, 2])
-    assert len(rest) == 8
-    for (ea, la, a), (eb, lb, b) in zip(straight[7:], rest):
-        assert (ea, la) == (eb, lb) and torch.equal(a, b)
+    for done in (5, 7):           # saved at the end of epoch 0 (32 px), and 2 batches into epoch 1 (64 px)
+        loader = build_loader(ramp, "train", 2, device=CPU)
+        batches(loader, range(2), stop_after=done)
+        torch.save(loader.state_dict(), tmp_path / "loader.pt")
+        resumed = build_loader(ramp, "train", 2, device=CPU)
+        resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
+        rest = batches(resumed, [1, 2])
+        assert len(rest) == 15 - done
+        for (ea, la, a), (eb, lb, b) in zip(straight[done:], rest):
+            assert (ea, la) == (eb, lb) and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------- bad data
