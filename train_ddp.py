@@ -49,7 +49,7 @@ from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
 from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
                                 resolve_amp, set_cpu_threads, setup_backends, train_one_epoch, validate)
-from fdmobilenet.logs import RunLogger, format_duration, format_metrics, run_metadata
+from fdmobilenet.logs import RunLogger, format_duration, format_metrics, format_resolutions, run_metadata
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
@@ -214,7 +214,8 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
               f"cuda graphs {graphs_why} | torch threads {threads} | "
               f"loader auto: {', '.join(f'{k}={getattr(cfg.data, k)}' for k in data_auto) or '-'} | "
               f"{type(train_loader).__name__} ({cfg.data.loader}): {steps} steps/epoch, "
-              f"{val_images} val images on rank 0 | config -> {config_file}")
+              f"{val_images} val images on rank 0 | {format_resolutions(cfg.data, optim_cfg.epochs)} | "
+              f"config -> {config_file}")
 
     # The epochs. Each: train (log lines, step checkpoints and preemption polls at step boundaries, in
     # train_one_epoch), evaluate when due, log the summary, save (and link the best). A preemption signal,

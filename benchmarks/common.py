@@ -4,6 +4,8 @@ Benchmark scripts import it as ``from common import ...`` (a script's own folder
 
 * ``environment(argv)``: fdmobilenet.logs.run_metadata (commit, dirty flag, command, versions) plus the machine:
   CPU model, usable cores, load average, and on CUDA the GPU, driver and CUDA runtime.
+* ``typed_command(argv)``: the command for a record, with ``python`` for the interpreter's path; ``fill(text)``:
+  its prose wrapped so that no line of RESULTS.md runs long.
 * ``timed(fn, device)``: wall seconds of ``fn()`` between two device synchronisations (fdmobilenet.engine.sync).
 * ``endless(loader)``: batches across epoch boundaries, set_epoch before each epoch.
 * ``interleave(fns, rounds)``: runs A B C A B C ... and returns each variant's list of results, so drift of the
@@ -70,6 +72,20 @@ def environment(argv: Sequence[str]) -> dict:
     else:
         meta["gpu"] = None
     return meta
+
+
+def typed_command(argv: Sequence[str]) -> str:
+    """The command as a user types it in the repository root: ``python`` instead of this interpreter's path."""
+    import shlex
+    return shlex.join(["python", *argv])
+
+
+def fill(text: str, width: int = 118) -> str:
+    """``text`` with its prose paragraphs wrapped at ``width`` (RESULTS.md keeps its lines short); a command
+    (a paragraph in backquotes) and table rows stay whole."""
+    import textwrap
+    return "\n\n".join(p if p.startswith(("`", "|")) else textwrap.fill(p, width, break_on_hyphens=False)
+                       for p in text.split("\n\n"))
 
 
 def describe(meta: dict) -> str:

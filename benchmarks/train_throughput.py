@@ -138,8 +138,8 @@ def prepare(module: nn.Module, variant: Variant, info: DistInfo, backend: str) -
     """engine.prepare_model with the variant's switches, static shapes (``backend``: aot_eager for the --cpu
     smoke run, where inductor's C++ builds take minutes on 2 cores)."""
     cfg = TrainConfig(channels_last=variant.channels_last, compile="on" if variant.compile else "off",
-                      compile_backend=backend, compile_mode=variant.compile_mode)
-    return prepare_model(module, cfg, info, dynamic=False)[0]
+                      compile_backend=backend, compile_mode=variant.compile_mode, compile_dynamic="off")
+    return prepare_model(module, cfg, info)[0]
 
 
 # ------------------------------------------------------------------------------------------ compilation

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -28,6 +29,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # package data: installed copies have it too
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RES_STEP = 32   # FD-MobileNet's total stride: the sizes of a resolution ramp are its multiples
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,37 @@ def _parse_yaml(text_or_stream: Any) -> Any:
 
 
 @dataclass
+class ResolutionRamp:
+    """``data.train_res``: the training resolution grows over the epochs to ``data.crop_size`` (FFCV's
+    progressive resizing): ``start_res`` px up to epoch ``ramp_start``, then linearly, in steps of 32 px,
+    to ``data.crop_size`` at epoch ``ramp_end`` and after. Epochs are counted from 1, as in the logs."""
+    start_res: int
+    ramp_start: int
+    ramp_end: int
+    form: typing.ClassVar[str] = ("a mapping like {start_res: 160, ramp_start: 24, ramp_end: 28} (or null: one size, "
+                                  "data.crop_size, every epoch)")
+
+    def problem(self) -> str:
+        """What is wrong with these values, or ''."""
+        if self.start_res < RES_STEP or self.start_res % RES_STEP:
+            return f"start_res must be a positive multiple of {RES_STEP} (the network's stride), got {self.start_res}"
+        if not 1 <= self.ramp_start < self.ramp_end:
+            return (f"expected 1 <= ramp_start < ramp_end (epochs, counted from 1), got ramp_start "
+                    f"{self.ramp_start}, ramp_end {self.ramp_end}")
+        return ""
+
+    def at(self, epoch: int, end_res: int) -> int:
+        """The resolution of ``epoch`` (counted from 0, as in the code) on the way to ``end_res``."""
+        n = epoch + 1
+        if n <= self.ramp_start:
+            return self.start_res
+        if n >= self.ramp_end:
+            return end_res
+        res = self.start_res + (end_res - self.start_res) * (n - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        return RES_STEP * math.floor(res / RES_STEP + 0.5)   # the nearest multiple, halves up
+
+
+@dataclass
 class DataConfig:
     """Where the images are, how they are augmented, and how the loader is tuned."""
     name: str = "imagenet-aggressive"
@@ -66,13 +99,14 @@ class DataConfig:
     loader: Literal["dali", "torchvision", "synthetic"] = "dali"
     # training augmentation
     train_crop: Literal["random_resized", "random"] = "random_resized"   # Inception-style | resize, random crop
-    crop_size: int = 224
+    crop_size: int = 224                   # training resolution (with train_res: the one the ramp ends at)
+    train_res: Optional[ResolutionRamp] = None   # null: every epoch at crop_size
     scale: tuple[float, float] = (0.36, 1.0)           # RandomResizedCrop area range ("aggressive")
     ratio: tuple[float, float] = (3 / 4, 4 / 3)        # RandomResizedCrop aspect-ratio range
     train_resize: int = 256                # shorter side before the random crop (train_crop: random)
     hflip: bool = True
     color_jitter: Optional[tuple[float, float, float, float]] = None  # brightness, contrast, saturation, hue
-    # evaluation preprocessing
+    # evaluation preprocessing, independent of the training resolution (e.g. test at 256 after training at 192)
     val_resize: int = 256                  # shorter side
     val_crop: int = 224                    # center crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -88,6 +122,10 @@ class DataConfig:
     # images handed over: auto (float16 on GPU, float32 on CPU)
     dtype: Literal["auto", "float16", "float32"] = "auto"
     on_corrupt: Literal["error", "skip"] = "error"   # stop naming the file | drop unreadable files up front
+
+    def train_size(self, epoch: int) -> int:
+        """The training resolution of ``epoch`` (counted from 0): crop_size, or where train_res has got to."""
+        return self.crop_size if self.train_res is None else self.train_res.at(epoch, self.crop_size)
 
 
 @dataclass
@@ -141,6 +179,9 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # torch.compile backend (aot_eager: no C++/Triton builds, for smoke runs)
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    # input shapes of the compiled model: off = static, one graph per image size (a data.train_res ramp, the
+    # val size); on = dynamic, one graph for all; auto = torch's default (static, dynamic after a change)
+    compile_dynamic: Literal["auto", "on", "off"] = "off"
     # the training step as one CUDA graph (fdmobilenet/cuda_graph.py); auto: off until measured faster
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     save_every_steps: int = 0              # 0 = once per epoch
@@ -197,6 +238,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in args if a is not type(None))
     if origin is tuple:
         return f"a list of {len(args)} {args[0].__name__}s"
+    if dataclasses.is_dataclass(tp):
+        return tp.form
     return _SCALARS[tp]
 
 
@@ -229,9 +272,47 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         # bool is an int subclass: `epochs: true` is not an integer
         if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
             return value
+    elif dataclasses.is_dataclass(tp):
+        return _record(value, tp, where)
     else:
         raise TypeError(f"unsupported annotation {tp!r} at {where}")
     raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _record(value: Any, tp: type, where: str) -> Any:
+    """A small dataclass written as a mapping of all its fields (e.g. data.train_res); each field is checked
+    like a key, then the values together (``tp.problem()``)."""
+    if isinstance(value, tp):              # already built (dataclasses.replace of a loaded config)
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected {tp.form}, got {value!r} ({type(value).__name__})")
+    hints = {f.name: typing.get_type_hints(tp)[f.name] for f in dataclasses.fields(tp)}
+    for key in value:
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key '{key}'{_did_you_mean(key, hints)}; expected {tp.form}")
+    missing = [key for key in hints if key not in value]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)}; expected {tp.form}")
+    prefix = where.removesuffix("'")      # "...: key 'data.train_res'" -> "...: key 'data.train_res.start_res'"
+    record = tp(**{key: _coerce(value[key], hints[key], f"{prefix}.{key}'") for key in hints})
+    problem = record.problem()
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return record
+
+
+def check_data(data: DataConfig) -> None:
+    """What the data keys must satisfy together, once a config is composed (overrides come one by one)."""
+    if data.train_res is None:
+        return
+    if data.crop_size < RES_STEP or data.crop_size % RES_STEP:
+        below = max(RES_STEP, data.crop_size // RES_STEP * RES_STEP)
+        raise ConfigError(f"data.train_res ramps to data.crop_size, which must then be a positive multiple of "
+                          f"{RES_STEP}, got {data.crop_size}: use e.g. {below} or {below + RES_STEP}, or "
+                          f"data.train_res=null for one size every epoch")
+    if data.train_crop != "random_resized":
+        raise ConfigError(f"data.train_res needs data.train_crop=random_resized (its crop is relative to the "
+                          f"image); train_crop={data.train_crop} crops a fixed size out of data.train_resize")
 
 
 def _mapping(raw: Any, source: str, section: str) -> dict:
@@ -355,6 +436,7 @@ def load_experiment(path: str | None = None, *, data: str | None = None, model: 
         if ref is not None:
             setattr(exp, section, load_model_ref(ref) if section == "model" else load_family(section, ref))
     apply_overrides(exp, overrides)
+    check_data(exp.data)
     return exp
 
 

@@ -30,7 +30,8 @@ Everything the graph updates is updated in place - weights, BN statistics, momen
 marker and the device step counter (Trainer) - so checkpoints, the NaN stop and resume read the same tensors
 as in eager. The graph is captured again (after a new warm-up) when what it baked in changed: the optimizer's
 state was replaced (``load_state_dict``), the parameters moved, the model switched between train and eval, or
-a batch has another shape, dtype or layout.
+a batch has another shape, dtype or layout - under a data.train_res ramp once per training size, as the ramp
+visits each size in one stretch of epochs.
 
 Not supported - ``train.cuda_graphs=on`` is then a ConfigError (a one-line user error), ``auto`` stays off:
 

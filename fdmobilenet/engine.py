@@ -171,13 +171,17 @@ def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo,
     (``module._orig_mod.`` stripped by fdmobilenet.checkpoint). The cost is that the compiled backward is
     one graph, so gradient all-reduce overlaps less with compute; at 0.4-2.9 M parameters (one or two DDP
     buckets) that overlap is worth little.
+
+    ``train.compile_dynamic`` picks static shapes (a graph per image size: the few sizes of a data.train_res
+    ramp and the val size) or dynamic ones; benchmarks/compile_resolutions.py measured which trains faster.
     """
     model.to(info.device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN's fast conv kernels want
     if compile_enabled(train, info.device):
-        model = torch.compile(model, backend=train.compile_backend, dynamic=dynamic,
-                              mode=None if train.compile_mode == "default" else train.compile_mode)
+        model = torch.compile(model, backend=train.compile_backend,
+                              mode=None if train.compile_mode == "default" else train.compile_mode,
+                              dynamic={"auto": None, "on": True, "off": False}[train.compile_dynamic])
     if not info.distributed:
         return model, model
     ddp = nn.parallel.DistributedDataParallel(
@@ -400,7 +404,8 @@ def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: Ch
     s = state.sums
     loss_sum, correct, samples = all_reduce_sum(
         torch.tensor([s.loss, s.correct, s.samples], dtype=torch.float64, device=info.device), info).tolist()
-    return {"epoch": state.epoch + 1, "lr": s.lr, "train_loss": loss_sum / max(samples, 1),
+    return {"epoch": state.epoch + 1, "train_res": state.loader.image_size, "lr": s.lr,
+            "train_loss": loss_sum / max(samples, 1),
             "train_top1": 100.0 * correct / max(samples, 1), "img_s": samples / max(s.seconds, 1e-9),
             "epoch_time_s": s.seconds}
 

@@ -24,9 +24,10 @@ import yaml
 
 
 # Columns of the per-epoch CSV; an epoch without validation (train.eval_every > 1) or without EMA leaves
-# those cells empty. epoch: counted from 1; lr: the learning rate of the epoch's last step.
-EPOCH_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "img_s", "epoch_time_s", "val_loss", "val_top1",
-                "val_top5", "val_images", "ema_val_top1")
+# those cells empty. epoch: counted from 1; train_res: the epoch's training resolution (px); lr: the
+# learning rate of the epoch's last step.
+EPOCH_FIELDS = ("epoch", "train_res", "lr", "train_loss", "train_top1", "img_s", "epoch_time_s", "val_loss",
+                "val_top1", "val_top5", "val_images", "ema_val_top1")
 
 
 def format_duration(seconds: float) -> str:
@@ -60,6 +61,22 @@ def run_metadata(argv: list[str]) -> dict:
             "command": shlex.join([sys.executable, *argv]), "host": platform.node(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"}
+
+
+def format_resolutions(data, epochs: int) -> str:
+    """The training resolution of each epoch, e.g. ``160 px (epochs 1-25), 192 px (epochs 26-32)``, and the
+    evaluation's: for the header."""
+    spans: list[list[int]] = []           # [size, first epoch, last epoch], epochs counted from 1
+    for epoch in range(epochs):
+        size = data.train_size(epoch)
+        if spans and spans[-1][0] == size:
+            spans[-1][2] = epoch + 1
+        else:
+            spans.append([size, epoch + 1, epoch + 1])
+    train = ", ".join(f"{size} px" if len(spans) == 1 else
+                      f"{size} px (epoch {first})" if first == last else f"{size} px (epochs {first}-{last})"
+                      for size, first, last in spans)
+    return f"train {train}, val {data.val_crop} px (resize {data.val_resize})"
 
 
 def format_metrics(m: dict) -> str:

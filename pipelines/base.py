@@ -5,6 +5,10 @@ yielding ``(images, labels)`` - images float NCHW in channels_last memory on the
 int64 on the same device - ``set_epoch(epoch)`` before each epoch, and ``state_dict()`` /
 ``load_state_dict()`` for the reader position (``{}`` where a loader has none to save).
 
+**The epoch's resolution**: train batches are ``data.train_size(epoch)`` px square (data.crop_size, or where
+the data.train_res ramp has got to), val batches data.val_crop; ``image_size`` is the size of the epoch
+in progress. ``set_epoch`` is where a loader follows a change of training resolution.
+
 **The epoch's order** (what ``set_epoch`` guarantees): a loader *without* reader state (torchvision, synthetic)
 gives for ``set_epoch(e)`` an order that is a function of (data.seed, e) alone - the same in a restarted
 process - so a resumed run replays epoch e and drops the batches already trained (engine.epoch_batches). A
@@ -52,12 +56,14 @@ class BatchLoader(abc.ABC):
 
     split = None   # the checked split a file loader reads (pipelines.preflight.CheckedSplit); None: synthetic
 
-    def __init__(self, split: str, total: int, batch_size: int, rank: int, world_size: int,
+    def __init__(self, data: DataConfig, split: str, total: int, batch_size: int, rank: int, world_size: int,
                  device: torch.device, where: str):
         """``total``: the split's images; ``where`` names the data in errors."""
         self.train = split == "train"
         self.batch_size = batch_size    # per rank
         self.device = device
+        self._sizes = data.train_size if self.train else (lambda epoch: data.val_crop)
+        self.image_size = self._sizes(0)   # px, of the epoch in progress (the first until set_epoch says)
         if self.train:
             self._steps = train_steps(total, batch_size, world_size, where)
             self.num_samples = self._steps * batch_size   # images this rank trains on per epoch
@@ -75,7 +81,9 @@ class BatchLoader(abc.ABC):
         """One epoch."""
 
     def set_epoch(self, epoch: int) -> None:
-        """Called before each epoch with the epoch in progress (from 0); what it guarantees: the module docstring."""
+        """Called before each epoch with the epoch in progress (from 0); what it guarantees: the module docstring.
+        Loaders that override it call it first: it sets ``image_size``."""
+        self.image_size = self._sizes(epoch)
 
     def state_dict(self) -> dict:
         return {}

@@ -1,8 +1,8 @@
 """DALI loader: one pipeline graph for GPU (mixed decode, GPU ops) and CPU (every op on the CPU).
 
-Train (data.train_crop):
-  random_resized  decode a random crop (area data.scale, aspect data.ratio) -> resize to crop_size
-  random          decode -> resize shorter side to train_resize -> random crop_size crop
+Train (data.train_crop), at the epoch's size (data.crop_size, or where the data.train_res ramp has got to):
+  random_resized  decode a random crop (area data.scale, aspect data.ratio) -> resize to the size
+  random          decode -> resize shorter side to train_resize -> random crop of the size
   then colour jitter (data.color_jitter, see :func:`color_jitter`), random horizontal flip (data.hflip),
   normalise with mean/std x 255, cast to the hand-over dtype, HWC layout.
 Val: decode -> resize shorter side to val_resize -> centre crop val_crop -> normalise.
@@ -16,6 +16,14 @@ the reader's name, so it knows the shard sizes and removes the padding duplicate
 dataset every epoch (``shuffle_after_epoch``: one permutation per epoch, the same on every rank since the
 seed is shared, each rank reading its own slice, so ranks stay disjoint); val reads a fixed slice per rank
 (``stick_to_shard``) so every image is counted exactly once across ranks.
+
+A change of training resolution rebuilds the train pipeline at the new size from a DALI checkpoint of the
+old one, taken at the batches handed out so far: the reader position and the random generators carry over,
+so the batches are the old pipeline's at the new size - the path a resume takes, which makes a run resumed
+across a change exact. The alternative, the size as an argument input fed to one pipeline from an external
+source, would have to be fed ahead of DALI's prefetch queue (batches already prefetched at the epoch boundary
+come out at the old size otherwise) and would add a second state to checkpoint beside DALI's. A ramp changes
+size a few times per run; what a rebuild costs: benchmarks/RESULTS.md, "Training-resolution schedule".
 
 Damaged images: the pre-flight refuses before the first batch what DALI would decode silently (a truncated
 JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content that is no image);
@@ -72,11 +80,12 @@ def ascii_to_label(cls_bytes):
 
 @pipeline_def
 def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, num_shards: int,
-                   out_dtype, shuffle_seed: int, files: Optional[list[str]] = None,
+                   out_dtype, shuffle_seed: int, size: int, files: Optional[list[str]] = None,
                    labels: Optional[list[int]] = None, tars: Optional[list[str]] = None,
                    indices: Optional[list[str]] = None):
-    """The train or val graph; ``device`` is 'gpu' (mixed decode, GPU ops) or 'cpu'. The reader reads
-    ``files``/``labels`` (ImageFolder) or ``tars``/``indices`` (webdataset); nothing else differs."""
+    """The train or val graph; ``device`` is 'gpu' (mixed decode, GPU ops) or 'cpu'; ``size``: the train
+    crop's (val crops data.val_crop). The reader reads ``files``/``labels`` (ImageFolder) or
+    ``tars``/``indices`` (webdataset); nothing else differs."""
     shard = dict(name=READER, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
                  dont_use_mmap=data.dont_use_mmap)
     if train:
@@ -102,10 +111,10 @@ def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, nu
     if train and data.train_crop == "random_resized":
         images = fn.decoders.image_random_crop(jpegs, random_area=list(data.scale),
                                                random_aspect_ratio=list(data.ratio), **decode)
-        images = fn.resize(images, resize_x=data.crop_size, resize_y=data.crop_size)
+        images = fn.resize(images, resize_x=size, resize_y=size)
     elif train:
         images = fn.resize(fn.decoders.image(jpegs, **decode), resize_shorter=data.train_resize)
-        crop = dict(crop=(data.crop_size, data.crop_size), crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+        crop = dict(crop=(size, size), crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
                     crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
     else:
         images = fn.resize(fn.decoders.image(jpegs, **decode), resize_shorter=data.val_resize)
@@ -150,11 +159,13 @@ class DaliLoader(BatchLoader):
 
     DALI's epoch is not the trainer's: a train epoch left early (a steps_per_epoch cap) is continued by the
     next ``iter()``, so no decoded batch is wasted and the reader state is one position in DALI's stream.
+    The pipeline is built at the first ``iter()``: at a new epoch, from a restored state, or from the
+    position where a change of training resolution left the previous pipeline.
     """
 
     def __init__(self, data: DataConfig, split: CheckedSplit, batch_size: int, *, rank: int, world_size: int,
                  local_rank: int, device: torch.device):
-        super().__init__(split.name, split.total, batch_size, rank, world_size, device,
+        super().__init__(data, split.name, split.total, batch_size, rank, world_size, device,
                          where=f"{split.folder} ({data.layout})")
         if not self.train and self.num_samples == 0:
             raise DataError(f"{split.folder}: {split.total} validation images for {world_size} ranks leaves rank "
@@ -164,25 +175,31 @@ class DaliLoader(BatchLoader):
             if device.type == "cuda" else None
         self.dtype = image_dtype(data, device)
         # The reader's position, all of it:
-        self._iterator: Optional[DALIGenericIterator] = None   # None before the first epoch (and after a
-        #   decode error, or a val pass left early: the next iter() builds a fresh pipeline)
+        self._iterator: Optional[DALIGenericIterator] = None   # None until the next iter() builds it: before
+        #   the first epoch, after a restore or a change of size, after a decode error or a val pass left early
+        self._checkpoint: Optional[bytes] = None   # the DALI checkpoint that build starts from (None: a new epoch)
         self._steps_done = 0                  # batches handed out of the DALI epoch in progress
         self._shuffle_seed = data.seed        # of the train shuffle: data.seed + the first set_epoch's epoch,
         #   or the restored state's
 
     def set_epoch(self, epoch: int) -> None:
-        # DALI reshuffles by itself after each of its epochs; before the first build the epoch picks the seed
-        # (see pipelines.base on what set_epoch guarantees)
-        if self._iterator is None:
+        size = self.image_size
+        super().set_epoch(epoch)
+        if self._iterator is None and self._checkpoint is None:
+            # DALI reshuffles by itself after each of its epochs; before the first build the epoch picks the
+            # seed (see pipelines.base on what set_epoch guarantees)
             self._shuffle_seed = self.data.seed + epoch
+        elif self._iterator is not None and self.image_size != size:
+            self._checkpoint, self._iterator = self._dali_checkpoint(), None   # next iter(): rebuilt at the size
 
     # ---------------------------------------------------------------------------------------- building
-    def _build(self, checkpoint: Optional[bytes] = None) -> DALIGenericIterator:
-        """The pipeline and its iterator: a new epoch, or the position a DALI ``checkpoint`` holds."""
+    def _build(self) -> DALIGenericIterator:
+        """The pipeline and its iterator at ``image_size``: a new epoch, or the position ``_checkpoint`` holds."""
+        checkpoint, self._checkpoint = self._checkpoint, None
         pipe = image_pipeline(
             data=self.data, train=self.train, device="gpu" if self.device_id is not None else "cpu",
             shard_id=self.rank, num_shards=self.world_size, out_dtype=_DALI_DTYPE[self.dtype],
-            shuffle_seed=self._shuffle_seed, **self.split.reader,
+            shuffle_seed=self._shuffle_seed, size=self.image_size, **self.split.reader,
             batch_size=self.batch_size, num_threads=max(1, self.data.num_threads), device_id=self.device_id,
             seed=self.data.seed + self.rank,         # augmentation differs per rank; the shuffle does not
             prefetch_queue_depth=self.data.prefetch_queue_depth,
@@ -201,7 +218,7 @@ class DaliLoader(BatchLoader):
         try:
             yield
         except RuntimeError as exc:
-            self._iterator, self._steps_done = None, 0
+            self._iterator, self._checkpoint, self._steps_done = None, None, 0
             folder = self.split.folder
             match = _DECODE_FAILURE.search(str(exc))
             if match is None and "decoders." in str(exc):
@@ -250,21 +267,24 @@ class DaliLoader(BatchLoader):
         return nchw_channels_last(dali_out["images"]), dali_out["labels"].view(-1)
 
     # ------------------------------------------------------------------------------------------- state
+    def _dali_checkpoint(self) -> bytes:
+        """DALI's checkpoint of the pipeline, at the batches handed out (not those prefetched)."""
+        checkpoint = self._iterator.checkpoints()[0]
+        return checkpoint.encode("latin-1") if isinstance(checkpoint, str) else checkpoint
+
     def state_dict(self) -> dict:
         """Train: the DALI reader/RNG checkpoint (where the next batch comes from) with the shuffle seed and
         the batches done of DALI's epoch; ``{}`` for val, and before the first batch."""
-        if not self.train or self._iterator is None:
+        if not self.train or (self._iterator is None and self._checkpoint is None):
             return {}
-        checkpoint = self._iterator.checkpoints()[0]
-        if isinstance(checkpoint, str):
-            checkpoint = checkpoint.encode("latin-1")
+        checkpoint = self._dali_checkpoint() if self._iterator is not None else self._checkpoint
         # base64 text: loads under torch.load(weights_only=True)
         return {"dali": base64.b64encode(checkpoint).decode("ascii"), "shuffle_seed": self._shuffle_seed,
                 "steps_done": self._steps_done}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`: the pipeline is built at that position, and the next ``iter()``
-        continues there (mid-epoch: the remaining ``len(self) - state['steps_done']`` batches of it)."""
+        """Resume from :meth:`state_dict`: the next ``iter()`` builds the pipeline at that position and continues
+        there (mid-epoch: the remaining ``len(self) - state['steps_done']`` batches of it)."""
         if not state:
             return
         missing = {"dali", "shuffle_seed", "steps_done"} - set(state)
@@ -272,4 +292,4 @@ class DaliLoader(BatchLoader):
             raise ValueError(f"DALI {self.split.name} loader state needs keys dali, shuffle_seed, steps_done; got "
                              f"{sorted(state)}")
         self._shuffle_seed, self._steps_done = state["shuffle_seed"], state["steps_done"]
-        self._iterator = self._build(base64.b64decode(state["dali"]))
+        self._iterator, self._checkpoint = None, base64.b64decode(state["dali"])

@@ -6,6 +6,10 @@ the conversion to float, the mean/std normalisation, the dtype and channels_last
 
 Images are turned upright by their EXIF orientation (:func:`open_rgb`), as DALI's decoders do, and a file
 that does not decode is a CorruptImageError naming it and the fix, as in the DALI loader.
+
+The training resolution may change between epochs (data.train_res). The workers are persistent, each with
+its own copy of the dataset made when it started, so the size cannot be set on the dataset: the train
+sampler hands out ``(index, size)`` pairs instead, and the dataset crops each image to the size it comes with.
 """
 from __future__ import annotations
 
@@ -48,11 +52,12 @@ def load_image(path: str, folder: str) -> Image.Image:
         raise corrupt_image(path, what, folder) from e
 
 
-def train_transform(data: DataConfig) -> T.Compose:
+def train_transform(data: DataConfig, size: int) -> T.Compose:
+    """The training augmentation, cropping to ``size`` px."""
     if data.train_crop == "random_resized":
-        ops = [T.RandomResizedCrop(data.crop_size, scale=data.scale, ratio=data.ratio)]
+        ops = [T.RandomResizedCrop(size, scale=data.scale, ratio=data.ratio)]
     else:
-        ops = [T.Resize(data.train_resize), T.RandomCrop(data.crop_size)]
+        ops = [T.Resize(data.train_resize), T.RandomCrop(size)]
     if data.color_jitter:
         ops.append(T.ColorJitter(*data.color_jitter))
     if data.hflip:
@@ -83,6 +88,34 @@ def ignore_sigint(worker_id: int) -> None:
     it does (a checkpoint at a step the ranks agree on); a worker left to torch's default would end at once and
     fail the next batch. The workers end with their process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+class SizedTrainImages(CheckedImageFolder):
+    """The training images, indexed by ``(index, size)``: image ``index`` augmented and cropped to ``size`` px
+    (see the module docstring)."""
+
+    def __init__(self, split: CheckedSplit, data: DataConfig):
+        super().__init__(split, transform=None)
+        self._data = data
+        self._transforms: dict[int, T.Compose] = {}
+
+    def __getitem__(self, index_size: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, size = index_size
+        if size not in self._transforms:
+            self._transforms[size] = train_transform(self._data, size)
+        path, label = self.samples[index]
+        return self._transforms[size](self.loader(path)), label
+
+
+class WithSize(torch.utils.data.Sampler):
+    """``sampler``'s indices, each paired with ``size`` (set per epoch)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, size: int):
+        self.sampler, self.size = sampler, size
+
+    def __iter__(self):
+        return ((index, self.size) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class TorchvisionLoader(BatchLoader):
@@ -92,20 +125,23 @@ class TorchvisionLoader(BatchLoader):
 
     def __init__(self, data: DataConfig, split: CheckedSplit, batch_size: int, *, rank: int, world_size: int,
                  device: torch.device):
-        super().__init__(split.name, split.total, batch_size, rank, world_size, device,
+        super().__init__(data, split.name, split.total, batch_size, rank, world_size, device,
                          where=f"{split.folder} (torchvision)")
         self.dtype, self.split = image_dtype(data, device), split
-        dataset = CheckedImageFolder(split, train_transform(data) if self.train else val_transform(data))
         if self.train:
+            dataset = SizedTrainImages(split, data)
             # drop_last: every rank gets total // world_size indices (the smallest share), as DALI's train
             self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=data.seed,
                                               drop_last=True)
+            self._sized = WithSize(self.sampler, self.image_size)
         else:
+            dataset = CheckedImageFolder(split, val_transform(data))
             self.sampler = range(*self.shard)   # a contiguous, unpadded slice per rank: the split DALI's val uses
         # val: a generator of its own, because starting an iterator draws the workers' base seed from it -
         # from torch's global generator by default, so evaluating would shift the training augmentations
         # that follow (and a resumed run, whose evaluation may have been cut short, would not repeat them)
-        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=self.train,
+        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self._sized if self.train else self.sampler,
+                                  drop_last=self.train,
                                   num_workers=data.num_threads, persistent_workers=data.num_threads > 0,
                                   pin_memory=device.type == "cuda",
                                   generator=None if self.train else torch.Generator(), worker_init_fn=ignore_sigint,
@@ -115,8 +151,10 @@ class TorchvisionLoader(BatchLoader):
         self._std = torch.tensor(data.std, device=device).view(shape) * 255
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
+        super().set_epoch(epoch)
+        if self.train:
             self.sampler.set_epoch(epoch)
+            self._sized.size = self.image_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:

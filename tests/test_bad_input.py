@@ -285,8 +285,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(digits, good_check
                                 "Use train.cuda_graphs=auto or off"]),
     (["--check", "--world-size", "2", "train.cuda_graphs=on"],     # the launchers' pre-flight, before any rank
      ["train.cuda_graphs=on: this run has 2 ranks, and graphs are one-GPU only"]),
+    (["data.train_res={start_res: 150, ramp_start: 2, ramp_end: 3}"],
+     ["key 'data.train_res': start_res must be a positive multiple of 32 (the network's stride), got 150"]),
+    (["--check", "data.train_res={start_res: 32, ramp_start: 2, ramp_end: 3}", "data.crop_size=40"],
+     ["data.train_res ramps to data.crop_size, which must then be a positive multiple of 32, got 40"]),
 ], ids=["family-typo", "invalid-choice", "evaluate-untrained-label", "resume-missing", "cuda-graphs-on-cpu",
-        "cuda-graphs-on-two-ranks-check"])
+        "cuda-graphs-on-two-ranks-check", "ramp-value", "ramp-end-check"])
 def test_command_mistakes_say_what_to_do(digits, tmp_path, extra, needles):
     assert_user_error(train(digits, tmp_path, "never-trained", *extra), *needles)
     assert not any(tmp_path.iterdir()), sorted(tmp_path.iterdir())   # nothing written: no checkpoint, no logs

@@ -333,3 +333,20 @@ def test_stored_size_benchmark_runs_at_toy_size(tmp_path):
     assert res["bytes"]["160"] < res["bytes"]["original (375)"]
     assert (out / "stored_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| dali | 160 | 128 |" in (out / "stored_size.md").read_text()
+def test_fill_wraps_prose_and_keeps_commands_and_tables_whole():
+    long = "word " * 60
+    text = common.fill(f"{long}\n\n`python x.py {'--flag ' * 40}`\n\n| a | b |\n| --- | --- |\n| {'c' * 150} | d |")
+    prose, command, table = text.split("\n\n")
+    assert max(len(line) for line in prose.splitlines()) <= 118 and prose.split() == long.split()
+    assert command.count("\n") == 0 and table.count("\n") == 2
+
+
+def test_resolution_change_benchmark_times_a_rebuild(photo_root):
+    """benchmarks/resolution_change.py at toy size (11 photo JPEGs, 32 -> 64 px): the three variants run and
+    the rebuilt loader's next epoch comes at the new size. No speed is asserted."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "resolution_change.py"), "--data", str(photo_root),
+                        "--from-size", "32", "--to-size", "64", "--batch", "2", "--threads", "1", "--rounds", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for row in ("| 32 -> 32 |", "| 64 -> 64 |", "| 32 -> 64 (rebuild) |"):
+        assert row in p.stdout, p.stdout

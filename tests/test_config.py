@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from fdmobilenet.config import (CONFIG_DIR, FAMILIES, ConfigError, ExperimentConfig, ModelConfig, OptimConfig,
-                                SchedConfig, TrainConfig, build, choices, dump_yaml, from_dict, load_experiment,
-                                load_family, load_model_ref, read_yaml, resolve_path, to_dict)
+                                ResolutionRamp, SchedConfig, TrainConfig, build, choices, dump_yaml, from_dict,
+                                load_experiment, load_family, load_model_ref, read_yaml, resolve_path, to_dict)
 
 SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
@@ -86,6 +86,7 @@ IMAGENET = dict(root="data/imagenet", layout="folder", num_classes="auto", loade
 AUTO_LOADER = dict(num_threads="auto", prefetch_queue_depth="auto", hw_decoder_load="auto")  # pipelines.defaults
 IMAGENET.update(AUTO_LOADER)
 JITTER = dict(color_jitter=(0.1, 0.1, 0.1, 0.1))
+IMAGENET.update(train_res=None)   # the paper's files: crop_size (224) every epoch
 AGGRESSIVE = dict(IMAGENET, train_crop="random_resized", scale=(0.36, 1.0), color_jitter=None)
 LESS = dict(AGGRESSIVE, scale=(0.64, 1.0))
 MORE = dict(AGGRESSIVE, scale=(0.08, 1.0))
@@ -101,6 +102,9 @@ PINNED = {
     "data/imagenet-more-aggressive-colorjitter": dict(MORE, **JITTER),
     "data/imagenet-conservative": CONSERVATIVE,
     "data/imagenet-conservative-colorjitter": dict(CONSERVATIVE, **JITTER),
+    # the fast recipe: FFCV's 160 -> 192 px ramp at the end of 32 epochs, tested at the paper's 224
+    "data/imagenet-aggressive-fast": dict(AGGRESSIVE, crop_size=192,
+                                          train_res=ResolutionRamp(start_res=160, ramp_start=24, ramp_end=28)),
     "data/digits-demo": dict(root="data/digits", layout="folder", num_classes=10, loader="dali",
                              train_crop="random_resized", crop_size=64, scale=(0.6, 1.0), ratio=(0.8, 1.25),
                              hflip=False, color_jitter=None, val_resize=72, val_crop=64, mean=(0.3094,) * 3,
@@ -112,6 +116,8 @@ PINNED = {
     "optim/SGD-120": dict(PAPER_SGD, nesterov=False),
     "optim/SGD-90-nesterov": dict(PAPER_SGD, epochs=90),
     "optim/SGD-120-nesterov-bs1024": dict(PAPER_SGD, batch_size=1024, warmup_epochs=5.0),
+    "optim/SGD-32-nesterov-bs1024": dict(PAPER_SGD, epochs=32, batch_size=1024, warmup_epochs=2.0,
+                                         label_smoothing=0.1, no_wd_bn_bias=True),
     "sched/StepLR-30-0.1": dict(type="step", step_size=30, gamma=0.1),
     "sched/Cosine": dict(type="cosine", min_lr=0.0),
 }
@@ -175,6 +181,70 @@ def test_the_papers_experiments_have_imagenets_1000_classes_on_its_tree(tmp_path
             assert data == dataclasses.replace(exp.data, num_classes=1000)
             assert str(classes) == f"1000 classes (class folders in {tmp_path / 'train'})"
             assert classes.names == [f"n{k:08d}" for k in range(1000)]
+@pytest.mark.parametrize("width", ["1x", "0.5x", "0.25x"])
+def test_fast_experiments_compose_the_fast_recipe_and_say_it_is_unmeasured(width):
+    exp = load_experiment(f"{width}-FDMobileNet-fast")
+    assert exp.data == load_family("data", "imagenet-aggressive-fast")
+    assert exp.model == load_family("model", f"{width}-FDMobileNet-224")
+    assert exp.optim == load_family("optim", "SGD-32-nesterov-bs1024")
+    assert exp.sched == load_family("sched", "Cosine")
+    assert exp.train.label == f"{width}-FDMobileNet-fast"
+    assert "ImageNet accuracy\n# has NOT been measured" in (CONFIG_DIR / "experiments" /
+                                                             f"{width}-FDMobileNet-fast.yaml").read_text()
+
+
+RAMP = "data.train_res={start_res: %s, ramp_start: %s, ramp_end: %s}"
+
+
+def test_the_training_resolution_of_each_epoch():
+    """data.crop_size every epoch without data.train_res (every paper file); with it, start_res up to epoch
+    ramp_start (counted from 1), then linear to crop_size at ramp_end, rounded to the nearest multiple of 32."""
+    for width in ("1x", "0.5x", "0.25x"):
+        paper = load_experiment(f"{width}-FDMobileNet-224").data
+        assert [paper.train_size(e) for e in range(120)] == [224] * 120
+    assert [load_experiment("demo", overrides=["data.crop_size=32"]).data.train_size(e) for e in range(3)] == [32] * 3
+    fast = load_experiment("1x-FDMobileNet-fast")
+    assert [fast.data.train_size(e) for e in range(fast.optim.epochs)] == [160] * 25 + [192] * 7
+    ramp = load_experiment(overrides=["data.train_res={start_res: 128, ramp_start: 2, ramp_end: 6}"]).data
+    # epoch 3: 152 -> 160, epoch 4: 176 (a half) -> 192, epoch 5: 200 -> 192
+    assert [ramp.train_size(e) for e in range(8)] == [128, 128, 160, 192, 192, 224, 224, 224]
+    down = load_experiment(overrides=["data.crop_size=128", "data.train_res={start_res: 256, ramp_start: 1, "
+                                                            "ramp_end: 2}"]).data
+    assert [down.train_size(e) for e in range(3)] == [256, 128, 128]
+    half = load_experiment(overrides=["data.crop_size=160", RAMP % (128, 1, 3)]).data
+    assert [half.train_size(e) for e in range(3)] == [128, 160, 160]       # 144 is 4.5 x 32: halves go up
+    assert load_experiment("1x-FDMobileNet-fast", overrides=["data.train_res=null"]).data.train_size(0) == 192
+
+
+@pytest.mark.parametrize("words, expected", [
+    ([RAMP % (150, 2, 6)], "command-line override '%s': key 'data.train_res': start_res must be a positive "
+                           "multiple of 32 (the network's stride), got 150" % (RAMP % (150, 2, 6))),
+    ([RAMP % (0, 2, 6)], "start_res must be a positive multiple of 32 (the network's stride), got 0"),
+    ([RAMP % (160, 6, 6)], "key 'data.train_res': expected 1 <= ramp_start < ramp_end (epochs, counted from 1), "
+                           "got ramp_start 6, ramp_end 6"),
+    ([RAMP % (160, 0, 6)], "expected 1 <= ramp_start < ramp_end (epochs, counted from 1), got ramp_start 0"),
+    (["data.train_res=160"], "key 'data.train_res': expected a mapping like {start_res: 160, ramp_start: 24, "
+                             "ramp_end: 28} (or null: one size, data.crop_size, every epoch), got 160 (int)"),
+    (["data.train_res={start_res: 160, ramp_start: 2}"], "key 'data.train_res': missing ramp_end; expected a mapping"),
+    (["data.train_res={start: 160, ramp_start: 2, ramp_end: 3}"],
+     "key 'data.train_res': unknown key 'start' (did you mean 'start_res'?); expected a mapping"),
+    ([RAMP % ("160.5", 2, 6)], "key 'data.train_res.start_res': expected an integer, got 160.5 (float)"),
+    ([RAMP % (160, 2, 6), "data.crop_size=200"],
+     "data.train_res ramps to data.crop_size, which must then be a positive multiple of 32, got 200"),
+    ([RAMP % (160, 2, 6), "data.train_crop=random"],
+     "data.train_res needs data.train_crop=random_resized (its crop is relative to the image)"),
+])
+def test_a_bad_resolution_ramp_is_one_line_naming_the_key(words, expected):
+    with pytest.raises(ConfigError) as e:
+        load_experiment(overrides=words)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_resolution_ramp_in_a_file_names_the_file(tmp_path):
+    path = write(tmp_path / "data.yaml", "crop_size: 192\ntrain_res:\n  start_res: 160\n  ramp_start: 9\n"
+                                         "  ramp_end: 3\n")
+    with pytest.raises(ConfigError, match=f"^{path}: key 'data.train_res': expected 1 <= ramp_start < ramp_end"):
+        load_family("data", str(path))
 
 
 def test_demo_experiment():
@@ -324,9 +394,9 @@ def test_bad_overrides(item, expected):
     assert expected in str(e.value)
 
 
-def test_round_trips(tmp_path):
-    exp = load_experiment(data="imagenet-aggressive-colorjitter", optim="SGD-90-nesterov",
-                          overrides=["data.scale=[0.08, 1.0]"])
+@pytest.mark.parametrize("data", ["imagenet-aggressive-colorjitter", "imagenet-aggressive-fast"])
+def test_round_trips(tmp_path, data):
+    exp = load_experiment(data=data, optim="SGD-90-nesterov", overrides=["data.scale=[0.08, 1.0]"])
     assert from_dict(to_dict(exp)) == exp
     assert from_dict(read_yaml(write(tmp_path / "dump.yaml", dump_yaml(exp)))) == exp
     # to_dict is plain data: it survives JSON (checkpoints, logs).

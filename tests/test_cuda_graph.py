@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fdmobilenet.checkpoint import CheckpointSaver, load_checkpoint
-from fdmobilenet.config import ConfigError, ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
+from fdmobilenet.config import (ConfigError, ExperimentConfig, OptimConfig, ResolutionRamp, SchedConfig,
+                                TrainConfig)
 from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.engine import (NonFiniteLossError, PreemptionFlag, Trainer, make_grad_scaler, prepare_model,
@@ -195,10 +196,12 @@ def test_graphed_step_refuses_what_it_cannot_capture():
         GraphedStep(t)
 
 
-def loop_state(tmp_path: Path, label: str) -> tuple[RunState, CheckpointSaver, RunLogger]:
-    """A RunState over the synthetic loader (fused SGD, cosine with warm-up, EMA), its saver, a silent log."""
+def loop_state(tmp_path: Path, label: str, **data) -> tuple[RunState, CheckpointSaver, RunLogger]:
+    """A RunState over the synthetic loader (fused SGD, cosine with warm-up, EMA), its saver, a silent log;
+    ``data``: DataConfig fields to change."""
     cfg = ExperimentConfig()
-    cfg.data = dataclasses.replace(cfg.data, loader="synthetic", num_classes=10, crop_size=32, val_crop=32)
+    cfg.data = dataclasses.replace(cfg.data, **{"loader": "synthetic", "num_classes": 10, "crop_size": 32,
+                                                "val_crop": 32, **data})
     cfg.optim = dataclasses.replace(cfg.optim, epochs=2, batch_size=8, base_batch_size=8, lr=0.05, impl="fused",
                                     warmup_epochs=0.5, ema_decay=0.9)
     cfg.sched = SchedConfig(type="cosine")
@@ -240,6 +243,30 @@ def test_the_loop_trains_with_the_graphed_step_checkpoints_and_resumes_like_eage
             train_one_epoch(state, train, log, saver, preempt, step)
             assert capture.captures == (1 if resumed_graphed else 0)
             assert_same_training_state(runs["eager"].trainer, state.trainer, rtol=0, atol=0)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_the_graphed_step_is_captured_once_per_training_resolution(tmp_path):
+    """A data.train_res ramp, 32 px in epoch 1 and 64 px in epoch 2: the graph is captured again when the
+    batch's size changes, and only then (one capture per size, not per epoch or step), and the run ends
+    with the eager loop's weights, momentum, EMA and lr, bitwise."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        preempt, train, runs = PreemptionFlag(), TrainConfig(print_freq=5), {}
+        for label, graphed in (("eager", False), ("graphed", True)):
+            state, saver, log = loop_state(tmp_path, label, crop_size=64,
+                                           train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
+            capture = ReplayByCalling()
+            step = GraphedStep(state.trainer, warmup_steps=2, capture=capture).step if graphed else None
+            sizes = []
+            while state.epoch < 2:
+                sizes.append(train_one_epoch(state, train, log, saver, preempt, step)["train_res"])
+                state.end_epoch({"epoch": state.epoch + 1})
+            assert sizes == [32, 64] and capture.captures == (2 if graphed else 0)
+            runs[label] = state
+        assert_same_training_state(runs["eager"].trainer, runs["graphed"].trainer, rtol=0, atol=0)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import loader_support
+from fdmobilenet.config import ResolutionRamp
 from loader_support import epoch_labels
 from pipelines import CorruptImageError, DataError, build_loader
 from pipelines.base import split_dir
@@ -189,6 +190,44 @@ def test_checkpoint_resumes_the_exact_batches(unique_root, tmp_path):
     for (la, xa), (lb, xb) in zip(rest + nxt, rest2 + nxt2):
         assert la == lb and torch.equal(xa, xb)                      # same files, same random crops/flips
     assert build_loader(data, "val", 2, device=CPU).state_dict() == {}
+
+
+def test_a_change_of_resolution_keeps_the_reader_going_and_resumes_exactly(unique_root, tmp_path):
+    """At a change of training resolution the pipeline is rebuilt from a DALI checkpoint at the batches handed
+    out, not at those prefetched: after the change the batches are exactly those of a run at that size from the
+    start (same files, same random crops and flips), and a loader restored from a state saved just before
+    the change, or two batches after it, yields the rest of them."""
+    ramp = small(unique_root, 11, crop_size=64, prefetch_queue_depth=2,
+                 train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
+    fixed = dataclasses.replace(ramp, train_res=None)
+
+    def batches(loader, epochs, stop_after=None):
+        out = []
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                out.append((epoch, labels.tolist(), images.clone()))
+                if len(out) == stop_after:
+                    return out
+        return out
+
+    straight = batches(build_loader(ramp, "train", 2, device=CPU), range(3))
+    at_64 = batches(build_loader(fixed, "train", 2, device=CPU), range(3))
+    assert [b[2].shape[-1] for b in straight] == [32] * 5 + [64] * 10
+    assert [b[1] for b in straight] == [b[1] for b in at_64]                 # the reader's order is untouched
+    for (_, _, a), (_, _, b) in zip(straight[5:], at_64[5:]):
+        assert torch.equal(a, b)
+
+    for done in (5, 7):           # saved at the end of epoch 0 (32 px), and 2 batches into epoch 1 (64 px)
+        loader = build_loader(ramp, "train", 2, device=CPU)
+        batches(loader, range(2), stop_after=done)
+        torch.save(loader.state_dict(), tmp_path / "loader.pt")
+        resumed = build_loader(ramp, "train", 2, device=CPU)
+        resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
+        rest = batches(resumed, [1, 2])
+        assert len(rest) == 15 - done
+        for (ea, la, a), (eb, lb, b) in zip(straight[done:], rest):
+            assert (ea, la) == (eb, lb) and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------- bad data
@@ -406,6 +445,25 @@ def test_gpu_placement_matches_the_cpu_graph(photo_root):
         on_side = list(build_loader(data, "val", 7, device=gpu))[0]
         on_side = (on_side[0].float().cpu(), on_side[1].cpu())            # read on the stream they came on
     assert torch.equal(on_side[1], on_cpu[1]) and (on_side[0] - on_cpu[0]).abs().mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_the_gpu_pipeline_follows_the_resolution_ramp_without_losing_its_place(unique_root):
+    """The mixed-decode train pipeline across a change of size (32 -> 64 px at epoch 2): batches at each
+    epoch's size on the GPU, and the same files in the same order as the CPU graph read them."""
+    gpu = torch.device("cuda", 0)
+    data = small(unique_root, 11, crop_size=64, prefetch_queue_depth=2,
+                 train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
+    orders = {}
+    for device in (gpu, CPU):
+        loader = build_loader(data, "train", 2, device=device)
+        orders[device.type] = []
+        for epoch, size in enumerate([32, 64, 64]):
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                assert images.shape[-2:] == (size, size) and images.device == device
+                orders[device.type] += labels.tolist()
+    assert orders["cuda"] == orders["cpu"] and len(orders["cpu"]) == 30
 
 
 @pytest.fixture

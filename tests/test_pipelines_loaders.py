@@ -14,6 +14,7 @@ from torchvision.datasets import ImageFolder
 import loader_support
 from launch_support import children
 from loader_support import epoch_labels
+from fdmobilenet.config import ResolutionRamp
 from pipelines import DataError, build_loader
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torchvision_loader import TorchvisionLoader
@@ -207,3 +208,20 @@ def test_zero_byte_file_is_called_empty(photo_root, tmp_path, loader):
         build_loader(small(root, 3, loader=loader), "train", 2, device=CPU)
     assert f"1 empty file(s) (0 bytes) in {root / 'train'}: {victim}" in str(e.value)
     assert "truncated" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- training resolution
+@pytest.mark.parametrize("loader, threads", [("dali", 1), ("torchvision", 0), ("torchvision", 1), ("synthetic", 0)])
+def test_train_batches_follow_the_resolution_ramp_and_val_keeps_its_size(photo_root, loader, threads):
+    """data.train_res from 32 px to crop_size 96 over epochs 1-3: every batch of an epoch at that epoch's size
+    (the torchvision loader's persistent worker process too, threads=1), val at val_crop throughout."""
+    data = small(photo_root, 3, loader=loader, num_threads=threads, crop_size=96, val_resize=72, val_crop=64,
+                 train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=3))
+    train, val = (build_loader(data, split, 4, device=CPU) for split in ("train", "val"))
+    for epoch, size in enumerate([32, 64, 96, 96]):
+        train.set_epoch(epoch)
+        val.set_epoch(epoch)
+        assert (train.image_size, val.image_size) == (size, 64)
+        assert {tuple(images.shape) for images, _ in train} == {(4, 3, size, size)}
+        assert {tuple(images.shape[1:]) for (images, _), _ in zip(val, range(3))} == {(3, 64, 64)}
+

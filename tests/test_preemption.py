@@ -11,6 +11,7 @@ tells a preemption from a failure. The SLURM requeue path is tested in test_laun
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -180,6 +181,45 @@ def test_ctrl_c_under_local_sh_checkpoints_once_without_a_worker_traceback(digit
     assert_preempted_checkpoint(text, tmp_path, "int", "SIGINT", stop="interrupted")
     assert text.count("interrupted (SIGINT)") == 1 and "training failed" not in text and "KeyboardInterrupt" not in text
     assert rc == 1 and text.count("Traceback") == 1 and "SignalException: Process" in text, text[-3000:]
+
+
+def test_sigterm_right_after_a_change_of_resolution_resumes_to_the_uninterrupted_weights(digits, tmp_path):
+    """data.train_res: epoch 1 at 32 px, epoch 2 at 64 px (the DALI pipeline rebuilt at the change). SIGTERM to
+    a plain process early in epoch 2: it stops at the next agreed step and saves; the same command resumes
+    there, at 64 px, and ends with the weights, EMA and optimizer of a run never stopped. The header and the
+    per-epoch CSV name each epoch's size."""
+    steps = 40
+    exact = ["optim.epochs=2", "data.crop_size=64", "data.train_res={start_res: 32, ramp_start: 1, ramp_end: 2}",
+             "train.deterministic=true", "data.num_threads=1", "optim.ema_decay=0.9"]
+
+    def words(label):
+        return [sys.executable, "train_ddp.py", *run_words(digits, tmp_path, label, *exact, steps=steps)]
+    log = tmp_path / "ramp.log"
+    p = start(words("ramp"), log)
+    try:
+        wait_for(log, r"epoch 2/2 step 2/", 180, p)
+        os.kill(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+    text = log.read_text(errors="replace")
+    assert rc == 0 and "train 32 px (epoch 1), 64 px (epoch 2), val 32 px (resize 36)" in text, text[-3000:]
+    m = re.search(r"preempted \(SIGTERM\) at epoch 2 step (\d+), checkpoint saved", text)
+    assert m and 2 < int(m.group(1)) < steps, text[-3000:]
+    step = int(m.group(1))
+    ck = load_checkpoint(tmp_path / "ramp.pth.tar")
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, step, steps + step)
+
+    rc, text = run(words("ramp"), tmp_path / "ramp-resume.log", timeout=180)
+    assert rc == 0 and f"resumed from {tmp_path / 'ramp.pth.tar'}: epoch 2 step {step}" in text, text[-3000:]
+    assert global_steps(text, steps) == list(range(steps + step + 1, 2 * steps + 1))
+    rc, text = run(words("straight"), tmp_path / "straight.log", timeout=180)
+    assert rc == 0, text[-3000:]
+    assert_same_state(tmp_path / "straight.pth.tar", tmp_path / "ramp.pth.tar")
+    for label in ("ramp", "straight"):
+        rows = list(csv.DictReader(open(tmp_path / f"{label}.csv")))
+        assert [row["train_res"] for row in rows] == ["32", "64"]
 
 
 # ------------------------------------------------------------------------------------ during an evaluation

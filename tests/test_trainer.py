@@ -175,27 +175,28 @@ def test_compile_matches_eager():
         assert (results["on"][1][name] - grad).norm() <= 1e-2 * grad.norm() + 1e-7, name
 
 
-@pytest.mark.parametrize("dynamic,second_shape_symbolic", [(None, True), (False, False)])
-def test_prepare_model_dynamic_false_compiles_a_second_batch_size_statically(dynamic, second_shape_symbolic):
-    """torch.compile's default turns the second batch size it sees into a dynamic-shape graph (a symbolic
-    batch dimension: slower kernels, what the batch-512 ceilings used to measure); prepare_model(dynamic=False),
-    as the benchmarks call it, compiles that batch as a static graph of its own. Dynamo only (a recording
-    backend): no code generation, so this runs in seconds."""
+@pytest.mark.parametrize("dynamic, symbolic", [("auto", [False, True]), ("off", [False, False]), ("on", [True])])
+def test_compile_dynamic_decides_the_graphs_of_a_second_image_size(dynamic, symbolic):
+    """A data.train_res ramp (and a benchmark's second batch size) changes the input shape a few times in a
+    run. train.compile_dynamic=off compiles one static graph per shape; torch's default (auto) turns the second
+    shape into a dynamic-shape graph (symbolic sizes: slower kernels); on compiles one dynamic graph for all.
+    Never a graph per step. Dynamo only (a recording backend): no code generation, so this runs in seconds;
+    which variant trains faster: benchmarks/compile_resolutions.py."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
-        graphs.append([isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
-            isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs])
+        graphs.append(any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs))
         return gm.forward
     torch._dynamo.reset()
     info = init_distributed("cpu")
     model, _ = prepare_model(FDMobileNet(width_mult=0.25, num_classes=10),
-                             TrainConfig(compile="on", compile_backend=recording_backend, channels_last=False),
-                             info, dynamic=dynamic)
-    for batch in (4, 6):
-        model(torch.randn(batch, 3, 32, 32))
-    assert len(graphs) == 2 and not any(graphs[0])
-    assert any(graphs[1]) == second_shape_symbolic
+                             TrainConfig(compile="on", compile_backend=recording_backend, channels_last=False,
+                                         compile_dynamic=dynamic), info)
+    for size in (32, 32, 64, 64):
+        model(torch.randn(4, 3, size, size))
+    assert graphs == symbolic
+    torch._dynamo.reset()
 
 
 def test_accuracy_topk():
