@@ -110,16 +110,12 @@ def capture_cuda_graph(body: Callable[[], None], stream: torch.cuda.Stream) -> C
 
 class GraphedStep:
     """``step(images, labels) -> (loss, correct)`` like Trainer.step, run as a replayed CUDA graph (see the
-    module docstring). ``capture(body, stream) -> replay`` is :func:`capture_cuda_graph`; the CPU tests give
-    a stand-in that replays by calling ``body``."""
+    module docstring), for a trainer that :func:`use_cuda_graphs` allows. ``capture(body, stream) -> replay``
+    is :func:`capture_cuda_graph`; the CPU tests give a stand-in that replays by calling ``body``."""
 
     def __init__(self, trainer: Trainer, warmup_steps: int = 3,
                  capture: Callable[[Callable[[], None], Optional[torch.cuda.Stream]], Callable[[], None]]
                  = capture_cuda_graph):
-        if trainer.scaler is not None:
-            raise ValueError("a CUDA-graphed step cannot use GradScaler (fp16 AMP); use bf16 or fp32")
-        if trainer.info.distributed:
-            raise ValueError("a CUDA-graphed step is one-GPU only: DDP's all-reduce is not captured")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1 (the capture needs one eager step first), "
                              f"got {warmup_steps}")

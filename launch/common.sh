@@ -19,7 +19,7 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
 TORCHRUN=("$PYTHON" -m torch.distributed.run "--signals-to-handle=$SIGNALS_TO_HANDLE"
           "--shutdown-timeout=$SHUTDOWN_TIMEOUT" "--max-restarts=${MAX_RESTARTS:-0}")
 
-# Pre-flight: `train_ddp.py --check` in one plain process before any worker starts (fdmobilenet/preflight.py):
+# Pre-flight: `train_ddp.py --check` in one plain process before any worker starts (train_check.py):
 # config, data folders, global batch vs the planned world size(s), the checkpoint it would resume from. A
 # mistake there exits 2 with one line, and the launcher exits with that code: torchrun --max-restarts
 # restarts a failing worker whatever its exit code, and SLURM would requeue, so the same mistake would run
@@ -32,9 +32,9 @@ preflight() {  # $1 = planned world size(s), comma-separated; then the trainer's
 }
 
 # The port of this SLURM job's rendezvous (29500 + job id mod 10000: two jobs sharing a node do not collide),
-# from the one place that defines it, fdmobilenet/slurm_port.py (run as a script: no torch import).
+# from the one place that defines it, fdmobilenet/slurm_port.py (it and the package import no torch).
 slurm_job_port() {
-  "$PYTHON" "$ROOT/fdmobilenet/slurm_port.py"
+  (cd "$ROOT" && "$PYTHON" -m fdmobilenet.slurm_port)
 }
 
 # Processes per node: one per visible GPU (CUDA_VISIBLE_DEVICES honoured), else 2 CPU processes on gloo.

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fdmobilenet import FDMobileNet
 from fdmobilenet.checkpoint import load_checkpoint, load_weights
+from fdmobilenet.model import FDMobileNet
 
 
 @pytest.fixture(scope="module")
