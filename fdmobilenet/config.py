@@ -8,8 +8,7 @@ name, a path or an inline mapping) and a ``train`` section; any field can be ove
 as ``section.key=value``. Loading checks every key and type and names the file, the key, what was expected
 and what was given.
 
-The checks are this module's own: OmegaConf's structured configs (2.4.0, tried on this schema) read YAML 1.1,
-turn ``nesterov: 1`` into True where these refuse it, and report a bad tuple without its key (README, "Configs").
+The checks are this module's own rather than OmegaConf's (why: README, "Configs").
 """
 from __future__ import annotations
 

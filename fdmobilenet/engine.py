@@ -128,12 +128,10 @@ def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> 
 def set_cpu_threads(data: DataConfig) -> str:
     """Set torch's intra-op threads for this process; returns the choice and its reason, for the log.
 
-    OMP_NUM_THREADS, when set, is torch's choice and stays: torchrun sets 1 per worker, the launchers the
-    cores per worker. Otherwise torch would start one thread per core while the loader runs its
-    data.num_threads threads (DALI) or worker processes (DataLoader) on the same cores; oversubscribed, the
-    two preempt each other mid-kernel (a plain process on 2 cores trained several times slower than with
-    one thread: benchmarks/RESULTS.md). So: the cores this process may run on, minus the loader's threads,
-    at least one."""
+    OMP_NUM_THREADS, when set, is torch's choice and stays (torchrun sets 1 per worker, the launchers the
+    cores per worker). Otherwise torch would start one thread per core beside the loader's threads or
+    workers, and the two would preempt each other mid-kernel (benchmarks/RESULTS.md): so the cores this
+    process may run on, minus the loader's threads, at least one."""
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0))
@@ -147,23 +145,12 @@ def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
-def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo,
-                  dynamic: Optional[bool] = None) -> tuple[nn.Module, nn.Module]:
+def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple[nn.Module, nn.Module]:
     """Device, memory format, torch.compile, then DDP. Returns (what to train, what to evaluate): evaluation
     skips DDP, whose forward would broadcast buffers - a collective per batch, and ranks may hold different
-    numbers of val batches. ``dynamic`` is torch.compile's: None (its default) turns a second input shape into
-    a dynamic-shape graph, False compiles every shape as its own static graph (the benchmarks, whose shapes
-    are fixed per measurement).
-
-    Compile wraps the plain module *before* DDP (as PyTorch's guidance for wrappers and timm do): DDP then
-    sees an ordinary module and registers its hooks on real parameters, and checkpoint keys are predictable
-    (``module._orig_mod.`` stripped by fdmobilenet.checkpoint). The cost is that the compiled backward is
-    one graph, so gradient all-reduce overlaps less with compute; at 0.4-2.9 M parameters (one or two DDP
-    buckets) that overlap is worth little.
-
-    ``train.compile_dynamic`` picks static shapes (a graph per image size: the few sizes of a data.train_res
-    ramp and the val size) or dynamic ones; benchmarks/compile_resolutions.py measured which trains faster.
-    """
+    numbers of val batches. Compile wraps the plain module before DDP (as timm does): DDP's hooks sit on real
+    parameters and checkpoint keys stay predictable (docs/design-loop.md). ``train.compile_dynamic`` picks
+    static shapes (a graph per image size) or dynamic ones (benchmarks/compile_resolutions.py)."""
     model.to(info.device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN's fast conv kernels want

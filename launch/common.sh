@@ -69,9 +69,9 @@ omp_threads_for() {  # $1 = processes on this node (cores: the SLURM task's CPUs
 # it in the environment, it passes through.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# Elastic restarts: by default the c10d rendezvous lends the workers ONE TCPStore for every restart round
-# (torch 2.14), so the restarted workers can read the dead round's gloo/NCCL addresses and hang or fail in
-# connectFullMesh (seen here in 2 of 3 restarts). Opting out gives each round a fresh store on worker rank 0.
+# Elastic restarts: by default the c10d rendezvous lends the workers ONE TCPStore for every restart round, so
+# the restarted workers can read the dead round's gloo/NCCL addresses and hang or fail in connectFullMesh.
+# Opting out gives each round a fresh store on worker rank 0.
 # On one node the trainer also keys each round apart itself; across nodes only this helps (docs/restarts.md).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Python output reaches the log as it happens (the tests and `tail -f` wait on log lines).
