@@ -16,9 +16,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from fdmobilenet import FDMobileNet, cli
+from fdmobilenet import cli
 from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_state_dict, save_checkpoint, strip_prefixes
 from fdmobilenet.config import load_model_ref
+from fdmobilenet.model import FDMobileNet
 
 PROG = "convert_model.py"
 

@@ -12,7 +12,7 @@ Every image of {data.root}/{data.val_split} is counted once, also over several r
 named by output index (val/281/cat.jpg for ImageNet's tabby cat), not renumbered 0..k-1 as ImageFolder does.
 
 --predictions FILE writes every val image's label and top-1 class (model output indices) as CSV, one row
-per image in the listing's order (folder layout): what ``python -m fdmobilenet.predict`` says image by image.
+per image in the listing's order (folder layout): what ``python predict.py`` says image by image.
 
 Exit codes: 0 scored; 2 a mistake in the command, its config or its files (one line `evaluate.py: ...`);
 1 anything else (a traceback).
@@ -29,14 +29,14 @@ from torchvision.datasets.folder import find_classes
 
 import pipelines
 from fdmobilenet import cli
-from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_config, model_state_dict
+from fdmobilenet.checkpoint import checkpoint_run, load_checkpoint, load_weights, model_config, model_state_dict
+from fdmobilenet.cli import DataError
 from fdmobilenet.config import ExperimentConfig, apply_overrides, load_experiment, load_model_ref
 from fdmobilenet.distributed import DistInfo, gather_to_main, init_distributed, run_rank
 from fdmobilenet.engine import evaluate, prepare_model, resolve_amp, set_cpu_threads
 from fdmobilenet.logs import format_metrics
 from fdmobilenet.model import FDMobileNet
-from fdmobilenet.runs import checkpoint_run
-from pipelines.base import DataError, split_dir
+from pipelines.base import split_dir
 from pipelines.preflight import check_split_folder
 
 PROG = "evaluate.py"

@@ -1,60 +1,44 @@
 """Train FD-MobileNet with DistributedDataParallel: one process per GPU (or a few CPU processes with gloo).
 
-Single GPU, or a plain process (CPU or one GPU, no torchrun needed):
-    python train_ddp.py --config 0.25x-FDMobileNet-224
-One node, 8 GPUs (add --max-restarts=3 to restart every worker after a crash; they resume):
-    torchrun --standalone --nproc_per_node=8 train_ddp.py --config 1x-FDMobileNet-224
-Two nodes of 8 GPUs (run on each node, same endpoint and id; launch/multinode.sh does it, and sets the variable
-without which a restart of a multi-node job can fail: docs/restarts.md):
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 --max-restarts=3 \
-        --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$JOB_ID \
-        train_ddp.py --config 1x-FDMobileNet-224
-SLURM: launch/slurm.sbatch (torchrun per node), or `srun` one task per GPU: SLURM_PROCID etc. are read.
-The authors' flags work too:
-    torchrun --nproc_per_node=4 train_ddp.py --data imagenet-aggressive --model 0.5x-FDMobileNet-224 \
-        --optim SGD-120-nesterov --sched StepLR-30-0.1 --label 0.5x [--print-freq 100] [--resume] [--evaluate]
-Any config field can be overridden: `--set optim.lr=0.2` (repeatable) or trailing `optim.lr=0.2` words.
+    python train_ddp.py --config 0.25x-FDMobileNet-224                       # one process: CPU or one GPU
+    torchrun --standalone --nproc_per_node=8 train_ddp.py --config 1x-FDMobileNet-224   # one node, 8 GPUs
+Several nodes: launch/multinode.sh (torchrun on each node, with the settings a restart needs: docs/restarts.md);
+SLURM: launch/slurm.sbatch (torchrun per node), or `srun` one task per GPU (SLURM_PROCID etc. are read).
+The authors' flags work too (--data --model --optim --sched --label --print-freq --resume --evaluate), and any
+config field can be overridden: `--set optim.lr=0.2` or trailing `optim.lr=0.2` words.
 
 A run continues from {output_dir}/{label}.pth.tar when that file exists (train.auto_resume; --fresh starts
-over). Without --config a label that has run before takes the config it was saved with ({label}.config.yaml,
-else the checkpoint's), the flags and overrides on top: `train_ddp.py --label L --resume` continues L.
-SIGTERM / SIGUSR1 (preemption) make every rank stop at the next agreed step (or evaluation batch), save a
-checkpoint that records the step, and exit with code 0 (so torchrun does not count it as a failure; the
-SLURM script requeues). SIGINT (Ctrl-C) does the same and exits 130, as a shell reports a Ctrl-C'd command,
-so that scripts stop; a second Ctrl-C stops at once without saving (the last checkpoint is left as it was).
-Under torchrun the terminal's Ctrl-C reaches torchrun, which forwards it once to each worker and then exits
-1 with its own traceback (as after SIGTERM): the workers' "interrupted ... checkpoint saved" line says the
-state is safe. Exit codes: 0 done, preempted, or nothing left to do; 130 interrupted by Ctrl-C; 2 a user's
-mistake (one line `train_ddp.py: ...`, see fdmobilenet/cli.py); 1 anything else, with its traceback - any
-error on any rank exits at once, and the launcher (torchrun, srun --kill-on-bad-exit) stops the other ranks,
-so the job ends instead of hanging. `--check` runs the pre-flight (fdmobilenet/preflight.py) in one process
-and exits; the launchers run it before starting the workers. A rank that stops making progress is killed
-after train.step_timeout_s (fdmobilenet/watchdog.py), so that the launcher ends or restarts the job.
+over); without --config a label that has run before takes the config it was saved with. SIGTERM / SIGUSR1
+(preemption) make every rank stop at the next agreed step (or evaluation batch), save, and exit 0; SIGINT
+(Ctrl-C) does the same and exits 130; a second Ctrl-C stops at once without saving. Exit codes: 0 done,
+preempted, or nothing left to do; 130 interrupted by Ctrl-C; 2 a user's mistake (one line, fdmobilenet/cli.py);
+1 anything else, with its traceback - and the launcher then stops the other ranks. `--check` runs the checks
+of train_check.py in one process and exits; the launchers run it before starting the workers. A rank that
+stops making progress is killed after train.step_timeout_s (fdmobilenet/watchdog.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch import nn
 
 import pipelines
+import train_check
 from fdmobilenet import cli, watchdog
 from fdmobilenet.checkpoint import CheckpointSaver, load_weights
 from fdmobilenet.config import ExperimentConfig, changes, from_dict, load_experiment, to_dict
 from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo, init_distributed, run_rank, seed_everything
-from fdmobilenet.engine import (Preempted, PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model,
-                                resolve_amp, set_cpu_threads, setup_backends, train_one_epoch, validate)
-from fdmobilenet.logs import RunLogger, format_duration, format_metrics, format_resolutions, run_metadata
+from fdmobilenet.engine import (PreemptionFlag, Trainer, evaluate, make_grad_scaler, prepare_model, resolve_amp,
+                                set_cpu_threads, setup_backends)
+from fdmobilenet.logs import RunLogger, format_metrics, format_resolutions, run_metadata
+from fdmobilenet.loop import Loop, RunState
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
-from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
-from fdmobilenet.runs import saved_config
-from fdmobilenet.state import RunState
+from fdmobilenet.resume import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, restarts, saved_config
 from pipelines.preflight import Classes, resolve_classes
 
 PROG = "train_ddp.py"
@@ -100,10 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace) -> ExperimentConfig:
-    """Experiment file, then the family flags (--model also takes a bare width, as evaluate.py does), then
-    the overrides. Without --config a label that has run before continues with the config it was saved with
-    (fdmobilenet.runs.saved_config), so that `--label L --resume` - and a restart or requeue of it - trains L
-    as it was; the flags and overrides still apply on top, and rank 0 says which config it took."""
+    """Experiment file, then the family flags, then the overrides. Without --config a label that has run
+    before continues with the config it was saved with (so that a restart or requeue of `--label L --resume`
+    trains L as it was), the flags and overrides on top; rank 0 says which config it took."""
     flags = [f"train.label={args.label}"] if args.label else []
     flags += [f"train.print_freq={args.print_freq}"] if args.print_freq else []
     overrides = [*flags, *args.set, *args.overrides]
@@ -124,21 +107,9 @@ def load_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def plan(args: argparse.Namespace, cfg: ExperimentConfig, world_sizes: list[int]) -> Plan:
-    # --fresh is for a job's first start: when torchrun restarts the workers or SLURM requeues the job, the
-    # same command line comes again and must continue from what the job saved, not start over once more
+    # --fresh is for a job's first start: a torchrun restart or SLURM requeue runs the same command line again
     return Plan(cfg, world_sizes, CheckpointSaver(cfg.train.output_dir, cfg.train.label).path,
                 resume=args.resume, fresh=args.fresh and not restarts(), evaluate=args.evaluate)
-
-
-def build_loaders(cfg: ExperimentConfig, splits: tuple[str, ...], batch: int, info: DistInfo):
-    return pipelines.build_loaders(cfg.data, splits, batch, rank=info.rank, world_size=info.world_size,
-                                   local_rank=info.local_rank, device=info.device, group=info.control_group)
-
-
-def evaluation_due(cfg: ExperimentConfig, epoch: int) -> bool:
-    """After every train.eval_every-th epoch (``epoch`` counted from 0), and always after the last one."""
-    every = cfg.train.eval_every
-    return epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
 
 
 def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes: Classes) -> int | None:
@@ -158,16 +129,16 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
             print(f"{PROG}: {done}", flush=True)
         return
 
-    # Data. The loader (DALI GPU / DALI CPU / torchvision / synthetic) comes from data.loader alone; all of
-    # them hand over channels_last images on this rank's device, so nothing below depends on which it is.
-    # Both splits are checked before either error is reported: damaged files of both in one line.
+    # Data: whichever data.loader, channels_last batches on this rank's device. Both splits are checked
+    # before either error is reported: the damaged files of both in one line.
     splits = ("val",) if args.evaluate else ("val", "train")
-    loaders = dict(zip(splits, build_loaders(cfg, splits, batch, info)))
+    loaders = dict(zip(splits, pipelines.build_loaders(
+        cfg.data, splits, batch, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
+        device=info.device, group=info.control_group)))
     val_loader = loaders["val"]
 
-    # Model and the speed switches (channels_last, torch.compile, then DDP: see engine.prepare_model).
     module = FDMobileNet(cfg.model.width_mult, num_classes=cfg.data.num_classes, dropout=cfg.model.dropout)
-    model, eval_model = prepare_model(module, train_cfg, info)
+    model, eval_model = prepare_model(module, train_cfg, info)   # channels_last, torch.compile, DDP
     amp_dtype = resolve_amp(train_cfg.amp, info.device)
     if args.evaluate:   # the whole val split, whatever train.val_steps says
         load_weights(module, ckpt, str(saver.path))
@@ -187,7 +158,6 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
                       criterion=nn.CrossEntropyLoss(label_smoothing=optim_cfg.label_smoothing), info=info,
                       amp_dtype=amp_dtype, scaler=make_grad_scaler(info.device, amp_dtype),
                       ema=build_ema(module, optim_cfg.ema_decay))
-    step = GraphedStep(trainer).step if graphed else None   # None: Trainer.step, eager
     state, resumed = RunState(trainer, train_loader, cfg, steps, classes=classes.names), ckpt is not None
     changed = changes(ckpt["config"], to_dict(cfg)) if resumed else []
     if resumed:
@@ -217,34 +187,10 @@ def run(args: argparse.Namespace, cfg: ExperimentConfig, info: DistInfo, classes
               f"{val_images} val images on rank 0 | {format_resolutions(cfg.data, optim_cfg.epochs)} | "
               f"config -> {config_file}")
 
-    # The epochs. Each: train (log lines, step checkpoints and preemption polls at step boundaries, in
-    # train_one_epoch), evaluate when due, log the summary, save (and link the best). A preemption signal,
-    # acted on at an agreed step or evaluation batch, saves and raises Preempted.
-    preempt = PreemptionFlag()
+    preempt = PreemptionFlag()      # from here a signal stops the ranks at an agreed step (fdmobilenet/loop.py)
     info.report_own_errors = True   # from here an error can be one rank's own (see DistInfo)
-    run_start = time.perf_counter()
-    try:
-        while state.epoch < optim_cfg.epochs:
-            summary = train_one_epoch(state, train_cfg, log, saver, preempt, step)
-            if evaluation_due(cfg, state.epoch):
-                summary.update(validate(state, eval_model, val_loader, train_cfg, saver, preempt))
-            best = state.end_epoch(summary)
-            log.epoch(summary)
-            state.save(saver, best)
-    except Preempted as p:
-        pending = state.step == steps and evaluation_due(cfg, state.epoch)
-        log.print(f"{'interrupted' if preempt.interrupted else 'preempted'} ({p.signal_name}) at epoch "
-                  f"{state.epoch + 1} step {state.step}, checkpoint saved to {saver.path}"
-                  + (" (the epoch's evaluation runs first on resume)" if pending else "")
-                  + ("; the same command continues from there" if preempt.interrupted else ""))
-        log.close(plot=False)
-        return cli.EXIT_INTERRUPTED if preempt.interrupted else None
-    log.print(f"done: best val top-1 {state.best_top1:.2f}% at epoch {state.best_epoch} ({saver.best_path}), "
-              f"checkpoint {saver.path}, logs {log.dir}/{train_cfg.label}.csv, "
-              f"{format_duration(time.perf_counter() - run_start)} (h:mm:ss)")
-    curves = log.close(train_cfg.plot, state.best_epoch)
-    if curves:
-        log.print(f"curves: {curves}")
+    return Loop(state, saver, log, preempt, GraphedStep(trainer).step if graphed else None, eval_model,
+                val_loader).run()
 
 
 def amp_name(amp_dtype) -> str:
@@ -253,13 +199,13 @@ def amp_name(amp_dtype) -> str:
 
 
 def check(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
-    """--check: the pre-flight, in this one process (see fdmobilenet/preflight.py)."""
+    """--check: the checks of train_check.py, one line each, or the first user error."""
     try:
         sizes = [int(n) for n in str(args.world_size).split(",")]
     except ValueError:
         raise cli.UsageError(f"--world-size {args.world_size!r}: expected a number, or numbers separated by "
                              f"commas (an elastic job)") from None
-    for line in preflight(plan(args, cfg, sizes)):
+    for line in train_check.preflight(plan(args, cfg, sizes)):
         print(f"{PROG} --check: {line}", flush=True)
 
 

@@ -4,8 +4,8 @@
         [--released ../shared/fixtures/original/0.25x-FDMobileNet-224.pth.tar ...] [--val-root DIR] \\
         [--labels-from-folder-names] [--format both|markdown|csv]
 
-(from the repository root). One row per run (read by fdmobilenet.runs from {label}.config.yaml, .jsonl and
-.pth.tar, finished or still running): width; MFLOPs (multiply-adds, the paper's "FLOPs") and parameters
+(from the repository root). One row per run (read from its {label}.config.yaml, .jsonl and .pth.tar, finished
+or still running): width; MFLOPs (multiply-adds, the paper's "FLOPs") and parameters
 counted by fdmobilenet.flops for the run's model (its num_classes) at its val crop; the run's data (its data
 config's name and class count); the paper's top-1; the run's final and best val top-1 / top-5, final top-1
 minus the paper's (for runs on 1000-class data only: the paper's number is ImageNet's, and a difference to a
@@ -28,19 +28,21 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import re
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fdmobilenet import cli
-from fdmobilenet.checkpoint import load_checkpoint, model_config
-from fdmobilenet.config import ConfigError, load_experiment
+from fdmobilenet.checkpoint import CONFIG_SUFFIX, CheckpointSaver, load_checkpoint, model_config
+from fdmobilenet.config import ConfigError, ExperimentConfig, from_dict, load_experiment, read_yaml
 from fdmobilenet.flops import count_macs, count_params
 from fdmobilenet.model import FDMobileNet
-from fdmobilenet.runs import Run, find_runs
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "accuracy_table"
@@ -67,6 +69,105 @@ NOTES = ("MFLOPs: multiply-adds per image (the paper's FLOPs), counted by fdmobi
          "processes). Paper: FD-MobileNet, Qin et al., ICIP 2018, ImageNet val top-1 at 224 px.")
 
 
+# ------------------------------------------------------------------------------------------------ the runs
+@dataclass
+class Run:
+    """A training run read back from what it wrote, finished or in progress: {label}.config.yaml (the resolved
+    config; its ``run:`` section holds git commit, command, device, world size), {label}.jsonl (a row of
+    metrics per epoch) and {label}.pth.tar (the latest checkpoint). The epochs completed are the
+    checkpoint's (with ``step_in_epoch`` > 0 it stopped inside the next one), or the rows while there is none:
+    nothing depends on whether a row's ``epoch`` counts from 0 or 1."""
+    label: str
+    dir: Path
+    config: ExperimentConfig
+    meta: dict             # the config file's run: section
+    rows: list[dict]       # per-epoch metrics, in the order written
+    epochs_done: int
+    step_in_epoch: int     # > 0: stopped (preempted) inside epoch epochs_done + 1
+
+    @property
+    def epochs_planned(self) -> int:
+        return self.config.optim.epochs
+
+    @property
+    def finished(self) -> bool:
+        return self.epochs_done >= self.epochs_planned
+
+    def values(self, key: str) -> list[float]:
+        """The column ``key`` over the epochs that have it (validation can be skipped on some epochs)."""
+        return [r[key] for r in self.rows if isinstance(r.get(key), (int, float))]
+
+    def final(self, key: str) -> float | None:
+        v = self.values(key)
+        return v[-1] if v else None
+
+    def best(self, key: str) -> float | None:
+        v = self.values(key)
+        return max(v) if v else None
+
+    def median_img_s(self) -> float | None:
+        """Median training img/s per epoch; the first epoch (compilation, warm-up) left out when there are more."""
+        v = self.values("img_s")
+        return statistics.median(v[1:] if len(v) > 1 else v) if v else None
+
+    def device_hours(self) -> float:
+        """Ranks x the training time of the logged epochs (evaluation not included), in hours."""
+        return self.meta.get("world_size", 1) * sum(self.values("epoch_time_s")) / 3600
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON-lines rows; a last line still being written by a running job is left out."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise ConfigError(f"{path}: line {k + 1} is not JSON; the run log is damaged") from None
+    return rows
+
+
+def read_run(config_path: str | Path) -> Run:
+    config_path = Path(config_path)
+    if not config_path.name.endswith(CONFIG_SUFFIX):
+        raise ConfigError(f"{config_path}: not a run's config (expected {{label}}{CONFIG_SUFFIX}, written by "
+                          f"train_ddp.py when a run starts)")
+    raw = read_yaml(config_path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: not a run's config (a mapping with run, data, model, ... sections)")
+    label, folder = config_path.name[:-len(CONFIG_SUFFIX)], config_path.parent
+    rows = read_rows(folder / f"{label}.jsonl")
+    ckpt_path = CheckpointSaver(folder, label).path
+    if ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        done, step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+    else:
+        done, step = len(rows), 0
+    return Run(label=label, dir=folder, config=from_dict(raw, str(config_path)), meta=raw.get("run") or {},
+               rows=rows, epochs_done=done, step_in_epoch=step)
+
+
+def find_runs(*paths: str | Path) -> list[Run]:
+    """Every run under ``paths``: a run's {label}.config.yaml, or a folder (each config file in it is a run)."""
+    runs = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            configs = sorted(p.glob(f"*{CONFIG_SUFFIX}"))
+            if not configs:
+                raise ConfigError(f"{p}: no run here (no *{CONFIG_SUFFIX}; train_ddp.py writes "
+                                  f"{{output_dir}}/{{label}}{CONFIG_SUFFIX} when a run starts)")
+            runs += [read_run(c) for c in configs]
+        elif p.is_file():
+            runs.append(read_run(p))
+        else:
+            raise ConfigError(f"{p}: not found (give a run's output folder or its {{label}}{CONFIG_SUFFIX})")
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ the rows
 def model_cost(width: float, num_classes: int, px: int) -> tuple[float, int]:
     """(MFLOPs, parameters) of FD-MobileNet ``width`` with ``num_classes`` outputs at ``px`` (meta device: no
     weights are made)."""

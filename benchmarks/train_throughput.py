@@ -509,12 +509,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     cuda = args.device != "cpu" and torch.cuda.is_available()
     if args.variants is None:
-        args.variants = [name for name in VARIANTS if cuda or name not in GPU_ONLY]
+        args.variants = [name for name, v in VARIANTS.items()
+                         if (cuda or name not in GPU_ONLY) and not (args.ddp and v.cuda_graphs)]
     for name in args.variants + ([args.e2e_variant] if args.e2e_variant != "auto" else []):
         if name not in VARIANTS:
             ap.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
         if name in GPU_ONLY and not cuda:
             ap.error(f"variant {name} uses CUDA graphs and needs a GPU")
+        if args.ddp and VARIANTS[name].cuda_graphs:   # what train.cuda_graphs=on refuses (use_cuda_graphs)
+            ap.error(f"variant {name} is one-GPU only: DDP's all-reduce is not captured")
     for name in args.loaders:
         if name not in ("dali", "torchvision"):
             ap.error(f"unknown loader {name!r}; choose dali or torchvision")

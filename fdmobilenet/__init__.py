@@ -1,5 +1,4 @@
-"""FD-MobileNet: the model, its FLOPs check, configs, checkpoints, and the training engine."""
-from .model import FDMobileNet, fd_mobilenet
+"""FD-MobileNet: the model (fdmobilenet.model), its configs, checkpoints, and the training engine.
 
-__all__ = ["FDMobileNet", "fd_mobilenet"]
+Nothing is imported here, so that ``import fdmobilenet.config`` (or cli, slurm_port) does not load torch."""
 __version__ = "0.1.0"

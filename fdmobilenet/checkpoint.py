@@ -1,5 +1,5 @@
 """Checkpoint I/O: atomic saves, the latest/best pair of a run, safe loads, and strict weight loading with
-errors that say what to do.
+errors that say what to do; what a checkpoint says about its model and the run that wrote it.
 
 Every load goes through ``torch.load(..., weights_only=True)``: a checkpoint is plain tensors and containers,
 and a file that needs more than that is refused rather than unpickled (unpickling runs arbitrary code).
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from fdmobilenet.config import ModelConfig, from_dict, load_model_ref
+from fdmobilenet.cli import CheckpointError
+from fdmobilenet.config import ExperimentConfig, ModelConfig, from_dict, load_model_ref, read_yaml
 from fdmobilenet.model import BLOCKS
 
 # Wrappers that prefix parameter names: DistributedDataParallel (``module.``) and torch.compile
@@ -31,10 +32,6 @@ STRIP_ORDER = ("module.", "_orig_mod.", "module.")
 # Read once at import (setting the umask is the only way to read it, and must not race with other threads).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, read or applied; the message names the file and what to do."""
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
@@ -107,7 +104,9 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     _fsync_dir(dst.parent)
 
 
-BEST_SUFFIX = "_best"   # {label}_best.pth.tar
+# A run's files beside {label}.pth.tar: the best checkpoint, and the resolved config written when it starts
+BEST_SUFFIX = "_best"             # {label}_best.pth.tar
+CONFIG_SUFFIX = ".config.yaml"    # {label}.config.yaml (fdmobilenet.logs.RunLogger.write_config)
 
 
 class CheckpointSaver:
@@ -236,6 +235,26 @@ def model_config(ckpt: Mapping[str, Any], source: str) -> tuple[ModelConfig, int
         return from_dict({"model": ckpt["config"]["model"]}, f"config stored in {source}").model, num_classes
     width = state["classifier.weight"].shape[1] / BLOCKS[-1][1]
     return load_model_ref(f"{width:g}"), num_classes
+
+
+def checkpoint_run(ckpt: dict, path: str | os.PathLike) -> tuple[ExperimentConfig | None, list[str] | None]:
+    """The config and class names (label order) of the run that wrote the checkpoint at ``path``: stored in
+    it (this project's checkpoints), else in the run's {label}.config.yaml beside it; None for what neither
+    holds (the authors' released weights hold no config)."""
+    config = from_dict(ckpt["config"], f"config stored in {path}") if isinstance(ckpt.get("config"), dict) else None
+    classes = ckpt.get("classes")
+    if config is None or classes is None:
+        path = Path(path)
+        label = path.name.removesuffix(".pth.tar")
+        for name in (label, label.removesuffix(BEST_SUFFIX)):
+            beside = path.with_name(f"{name}{CONFIG_SUFFIX}")
+            if beside.is_file():
+                raw = read_yaml(beside)
+                if isinstance(raw, dict):
+                    config = config or from_dict(raw, str(beside))
+                    classes = classes or (raw.get("run") or {}).get("classes")
+                break
+    return config, classes
 
 
 def _some(keys: list[str], n: int = 4) -> str:

@@ -9,6 +9,8 @@ worker whatever its exit code, which is why the launchers run ``train_ddp.py --c
 before torchrun / srun and stop on its exit code. Any other exception is a bug or a crash: its traceback is
 printed and the exit code is 1. A Ctrl-C (SIGINT) that stops a tool is one line and exit code
 ``EXIT_INTERRUPTED`` (130); the trainer first saves a checkpoint (fdmobilenet.engine.PreemptionFlag).
+
+The user errors are defined here, where every tool and both packages can import them without torch.
 """
 from __future__ import annotations
 
@@ -16,9 +18,7 @@ import contextlib
 import os
 import sys
 
-from fdmobilenet.checkpoint import CheckpointError
 from fdmobilenet.config import ConfigError
-from pipelines.base import CorruptImageError, DataError
 
 EXIT_USAGE = 2
 # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C, so that a script or `&&` chain stops too
@@ -28,6 +28,18 @@ EXIT_INTERRUPTED = 130
 class UsageError(ValueError):
     """A command that cannot work as given (e.g. a batch that does not divide over the ranks, --evaluate of a
     label that was never trained); the message says what to do."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read or applied; the message names the file and what to do."""
+
+
+class DataError(ValueError):
+    """The data on disk is not what the config promises; the message names the path and the fix."""
+
+
+class CorruptImageError(RuntimeError):
+    """An image could not be decoded; the message names the file."""
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, CheckpointError, DataError, CorruptImageError)

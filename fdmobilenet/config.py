@@ -8,8 +8,7 @@ name, a path or an inline mapping) and a ``train`` section; any field can be ove
 as ``section.key=value``. Loading checks every key and type and names the file, the key, what was expected
 and what was given.
 
-The checks are this module's own: OmegaConf's structured configs (2.4.0, tried on this schema) read YAML 1.1,
-turn ``nesterov: 1`` into True where these refuse it, and report a bad tuple without its key (README, "Configs").
+The checks are this module's own rather than OmegaConf's (why: README, "Configs").
 """
 from __future__ import annotations
 
@@ -210,14 +209,10 @@ class ExperimentConfig:
 FAMILIES: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
                              "sched": SchedConfig, "train": TrainConfig}
 
-# Keys that earlier versions had and nothing read. A run's stored config (its checkpoint, its
-# {label}.config.yaml) may still carry them: there they are dropped. In any other file or override they are
-# an error that says why.
-RETIRED: dict[tuple[str, str], str] = {
-    ("model", "arch"): "FD-MobileNet is the only architecture",
-    ("model", "input_size"): "the train crop is data.crop_size, the val crop data.val_crop",
-    ("optim", "optimizer"): "SGD is the only optimizer",
-}
+# Numbers that must be positive whatever their type allows: checked wherever a value comes in (a file, an
+# override, a run's stored config), so that the model is never built with them.
+POSITIVE: dict[tuple[str, str], str] = {("model", "width_mult"): "a width multiplier",
+                                        ("data", "num_classes"): "a class count"}
 
 
 def choices(cls: type, key: str) -> tuple[str, ...]:
@@ -324,21 +319,20 @@ def _mapping(raw: Any, source: str, section: str) -> dict:
     return raw
 
 
-def build(cls: type, mapping: Any, source: str, section: str, start: Any = None, stored: bool = False) -> Any:
+def build(cls: type, mapping: Any, source: str, section: str, start: Any = None) -> Any:
     """Dataclass ``cls`` from ``mapping``, on top of the instance ``start`` (else the defaults); every error
-    names ``source`` and ``section.key``. ``stored``: a run's own record, whose retired keys are dropped."""
+    names ``source`` and ``section.key``."""
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in _mapping(mapping, source, section).items():
-        if (section, key) in RETIRED:
-            if stored:
-                continue
-            raise ConfigError(f"{source}: key '{section}.{key}' is no longer read "
-                              f"({RETIRED[section, key]}); remove it")
         if key not in hints:
             raise ConfigError(f"{source}: unknown key '{section}.{key}'{_did_you_mean(key, hints)}; "
                               f"valid keys for {section}: {', '.join(hints)}")
         values[key] = _coerce(value, hints[key], f"{source}: key '{section}.{key}'")
+        number = values[key]
+        if (section, key) in POSITIVE and not isinstance(number, str) and not 0 < number < math.inf:
+            raise ConfigError(f"{source}: key '{section}.{key}': {POSITIVE[section, key]} must be positive, "
+                              f"got {number!r}")
     return dataclasses.replace(start, **values) if start is not None else cls(**values)
 
 
@@ -507,12 +501,11 @@ def to_dict(exp: ExperimentConfig) -> dict:
 
 
 def from_dict(d: dict, source: str = "checkpoint config") -> ExperimentConfig:
-    """The experiment a run stored (to_dict's form); sections other than the five, and RETIRED keys, are
-    left out."""
+    """The experiment a run stored (to_dict's form); sections other than the five are left out."""
     exp = ExperimentConfig()
     for section, cls in FAMILIES.items():
         if section in d:
-            setattr(exp, section, build(cls, d[section], source, section, stored=True))
+            setattr(exp, section, build(cls, d[section], source, section))
     return exp
 
 
@@ -521,7 +514,3 @@ def changes(before: dict, after: dict) -> list[str]:
     return [f"{section}.{key} {value!r} -> {after[section][key]!r}"
             for section, fields in before.items() if section in FAMILIES and section in after
             for key, value in fields.items() if key in after[section] and after[section][key] != value]
-
-
-def dump_yaml(exp: ExperimentConfig) -> str:
-    return yaml.safe_dump(to_dict(exp), sort_keys=False)

@@ -1,50 +1,15 @@
 """The training step as one CUDA graph (``train.cuda_graphs``): forward, loss, backward, the fused SGD update
-and the non-finite marker are captured once and replayed for every batch.
+and the non-finite marker are captured once and replayed for every batch, so that the host's per-kernel launch
+cost leaves the step. ``auto`` stays off until benchmarks/run_gpu.sh measures it faster than eager.
 
-Why: a step of this network is hundreds of small kernels, each launched from Python. A replay launches the
-whole step with one call, so the host's per-kernel cost disappears from the step and the host runs ahead of
-the GPU. Whether that makes training faster than eager (or than ``torch.compile(mode="reduce-overhead")``,
-inductor's own graphs) is what benchmarks/run_gpu.sh measures; until it has, ``auto`` means off.
-
-How (PyTorch's whole-network capture: torch.cuda.graph, and the CUDA graph notes' training example):
-
-* every batch is copied into static input buffers - the graph reads fixed addresses;
-* the first ``warmup_steps`` steps run eagerly (Trainer.step) on a side stream, on those buffers: cuDNN's
-  autotuning, torch.compile's compilation, SGD's momentum buffers and the libraries' per-stream workspaces
-  come into being there, not inside the capture;
-* then Trainer.update is captured on that stream. For the capture each param group's ``lr`` is swapped for a
-  one-element device tensor, so that the captured fused SGD kernel reads the learning rate from memory (SGD
-  takes a Tensor lr, and torch._fused_sgd_ has a tensor-lr variant). Outside the capture ``lr`` stays the
-  float the scheduler and the checkpoints know: before each replay the step writes the scheduler's current
-  value into the tensor (one fill, only when it changed). So LambdaLR, ``optimizer.state_dict()`` and the
-  logs are the same as in eager, and a checkpoint of a graphed run resumes eagerly and vice versa. Only the
-  fused kernel reads a tensor lr on the device: torch's foreach and plain SGD turn it into a host number
-  (``alpha=-lr``), a sync a capture cannot contain, so graphs need ``optim.impl`` fused (auto on a GPU);
-* each later step: copy the batch in, Trainer.begin_step, replay, Trainer.end_step (lr schedule, EMA, step
-  counter) on the host, as in eager. Loss and correct count are copied out of the graph's static outputs, so
-  a caller may keep them across steps. The EMA update stays outside the graph: AveragedModel.update_parameters
-  reads its update count on the host, a sync every step, so with optim.ema_decay > 0 the host cannot run
-  ahead.
-
-Everything the graph updates is updated in place - weights, BN statistics, momentum buffers, the non-finite
-marker and the device step counter (Trainer) - so checkpoints, the NaN stop and resume read the same tensors
-as in eager. The graph is captured again (after a new warm-up) when what it baked in changed: the optimizer's
-state was replaced (``load_state_dict``), the parameters moved, the model switched between train and eval, or
-a batch has another shape, dtype or layout - under a data.train_res ramp once per training size, as the ramp
-visits each size in one stretch of epochs.
-
-Not supported - ``train.cuda_graphs=on`` is then a ConfigError (a one-line user error), ``auto`` stays off:
-
-* CPU: CUDA graphs need a CUDA device.
-* DDP (more than one rank): PyTorch's recipe for capturing DDP's gradient all-reduce (CUDA graph notes,
-  "Usage with DistributedDataParallel") wants DDP built on a side stream, at least 11 eager DDP iterations
-  before the capture, and NCCL's asynchronous error handling off - the last would undo launch/common.sh's
-  ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``, which makes a dead peer end the job instead of hanging it. Nothing in
-  this project runs on more than one GPU to test it, so graphs are one-GPU only.
-* fp16 AMP: GradScaler's step reads ``found_inf`` on the host (a sync, which a capture cannot contain); bf16,
-  the default where the GPU has it, needs no scaler.
-* ``train.compile_mode=reduce-overhead``: inductor then captures CUDA graphs of its own, inside ours.
-* ``optim.impl`` other than fused: see the learning rate above.
+Each batch is copied into static buffers; a few eager warm-up steps run on a side stream first; for the capture
+each param group's ``lr`` is a device tensor (outside it the float the scheduler and checkpoints know), and the
+host writes the scheduler's value into it before each replay. Lr schedule, EMA and step counter stay on the
+host, as in eager, and everything the graph updates is updated in place, so a graphed run's checkpoint resumes
+eagerly and vice versa. The graph is captured again when what it baked in changes (optimizer state replaced,
+parameters moved, train/eval mode, the batch's shape, dtype or layout). What cannot be captured (CPU, DDP,
+fp16's GradScaler, reduce-overhead's own graphs, a non-fused SGD) is what :func:`use_cuda_graphs` refuses;
+the reasons: docs/design-loop.md.
 """
 from __future__ import annotations
 
@@ -110,16 +75,12 @@ def capture_cuda_graph(body: Callable[[], None], stream: torch.cuda.Stream) -> C
 
 class GraphedStep:
     """``step(images, labels) -> (loss, correct)`` like Trainer.step, run as a replayed CUDA graph (see the
-    module docstring). ``capture(body, stream) -> replay`` is :func:`capture_cuda_graph`; the CPU tests give
-    a stand-in that replays by calling ``body``."""
+    module docstring), for a trainer that :func:`use_cuda_graphs` allows. ``capture(body, stream) -> replay``
+    is :func:`capture_cuda_graph`; the CPU tests give a stand-in that replays by calling ``body``."""
 
     def __init__(self, trainer: Trainer, warmup_steps: int = 3,
                  capture: Callable[[Callable[[], None], Optional[torch.cuda.Stream]], Callable[[], None]]
                  = capture_cuda_graph):
-        if trainer.scaler is not None:
-            raise ValueError("a CUDA-graphed step cannot use GradScaler (fp16 AMP); use bf16 or fp32")
-        if trainer.info.distributed:
-            raise ValueError("a CUDA-graphed step is one-GPU only: DDP's all-reduce is not captured")
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1 (the capture needs one eager step first), "
                              f"got {warmup_steps}")

@@ -106,7 +106,7 @@ def restart_store(world_size: int) -> Optional[dist.Store]:
     torchrun hands its workers the address of a store its agent keeps for the whole job
     (TORCHELASTIC_USE_AGENT_STORE=True: the static rendezvous always, c10d - also --standalone and a plain
     ``torchrun --nproc_per_node=N`` - unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and torch opens it
-    without a prefix per restart (torch 2.14.1, torch/distributed/rendezvous.py ``_create_c10d_store``). So
+    without a prefix per restart (torch/distributed/rendezvous.py ``_create_c10d_store``). So
     after a restart the new workers find the killed ones' keys, gloo's and NCCL's addresses among them, and
     a worker that reads a peer's key before the peer has rewritten it connects to a dead port ("Gloo
     connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712; docs/restarts.md). On one node

@@ -1,48 +1,37 @@
-"""The training and evaluation loops, their metrics, and the speed switches they run under.
+"""The training step (Trainer), evaluation, preemption signals, and the speed switches the step runs under.
 
-No per-step host synchronisation: loss, correct counts and a non-finite-loss marker accumulate on the device
-and are read back only every ``print_freq`` steps (and before a checkpoint), so the host keeps queueing work
-ahead of the GPU. Throughput is timed between two synchronised log points.
-
-Preemption: SIGTERM / SIGUSR1, and SIGINT (Ctrl-C), only set a flag (PreemptionFlag); the ranks agree on it
-every ``poll_every`` steps and at an epoch's last step (train_one_epoch), and every ``poll_every`` batches of
-an evaluation (evaluate), then save and raise Preempted. A rank acting on the signal alone would leave the
-others waiting in their next collective.
+Loss, correct counts and a non-finite-loss marker stay on the device; the loop (fdmobilenet.loop) reads them
+back only at its print and save points. A preemption signal only sets a flag (PreemptionFlag): the ranks
+agree on it at step boundaries and evaluation batches, since a rank acting alone would leave the others
+waiting in their next collective.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdmobilenet import watchdog
 from fdmobilenet.config import DataConfig, TrainConfig
-from fdmobilenet.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, max_over_ranks, min_over_ranks,
-                                     set_rng_state)
-
-if TYPE_CHECKING:   # annotations only: state imports this module
-    from fdmobilenet.checkpoint import CheckpointSaver
-    from fdmobilenet.logs import RunLogger
-    from fdmobilenet.state import RunState
+from fdmobilenet.distributed import DistInfo, all_reduce_sum, max_over_ranks, min_over_ranks
 
 # How often (in steps, and in batches during an evaluation) the ranks agree on a pending preemption signal:
 # one tiny all-reduce on the host-side gloo group. 10 keeps the reaction well under a minute even at
 # several seconds per step.
 PREEMPT_POLL_STEPS = 10
 
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; raised before any checkpoint could store the diverged weights."""
 
 
 class Preempted(Exception):
-    """The ranks agreed to stop for a preemption signal; raised once the checkpoint is saved."""
+    """The ranks agreed to stop for a preemption signal (fdmobilenet.loop.Loop.run saves, and stops)."""
 
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
@@ -139,12 +128,10 @@ def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> 
 def set_cpu_threads(data: DataConfig) -> str:
     """Set torch's intra-op threads for this process; returns the choice and its reason, for the log.
 
-    OMP_NUM_THREADS, when set, is torch's choice and stays: torchrun sets 1 per worker, the launchers the
-    cores per worker. Otherwise torch would start one thread per core while the loader runs its
-    data.num_threads threads (DALI) or worker processes (DataLoader) on the same cores; oversubscribed, the
-    two preempt each other mid-kernel (a plain process on 2 cores trained several times slower than with
-    one thread: benchmarks/RESULTS.md). So: the cores this process may run on, minus the loader's threads,
-    at least one."""
+    OMP_NUM_THREADS, when set, is torch's choice and stays (torchrun sets 1 per worker, the launchers the
+    cores per worker). Otherwise torch would start one thread per core beside the loader's threads or
+    workers, and the two would preempt each other mid-kernel (benchmarks/RESULTS.md): so the cores this
+    process may run on, minus the loader's threads, at least one."""
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0))
@@ -158,23 +145,12 @@ def compile_enabled(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
-def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo,
-                  dynamic: Optional[bool] = None) -> tuple[nn.Module, nn.Module]:
+def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple[nn.Module, nn.Module]:
     """Device, memory format, torch.compile, then DDP. Returns (what to train, what to evaluate): evaluation
     skips DDP, whose forward would broadcast buffers - a collective per batch, and ranks may hold different
-    numbers of val batches. ``dynamic`` is torch.compile's: None (its default) turns a second input shape into
-    a dynamic-shape graph, False compiles every shape as its own static graph (the benchmarks, whose shapes
-    are fixed per measurement).
-
-    Compile wraps the plain module *before* DDP (as PyTorch's guidance for wrappers and timm do): DDP then
-    sees an ordinary module and registers its hooks on real parameters, and checkpoint keys are predictable
-    (``module._orig_mod.`` stripped by fdmobilenet.checkpoint). The cost is that the compiled backward is
-    one graph, so gradient all-reduce overlaps less with compute; at 0.4-2.9 M parameters (one or two DDP
-    buckets) that overlap is worth little.
-
-    ``train.compile_dynamic`` picks static shapes (a graph per image size: the few sizes of a data.train_res
-    ramp and the val size) or dynamic ones; benchmarks/compile_resolutions.py measured which trains faster.
-    """
+    numbers of val batches. Compile wraps the plain module before DDP (as timm does): DDP's hooks sit on real
+    parameters and checkpoint keys stay predictable (docs/design-loop.md). ``train.compile_dynamic`` picks
+    static shapes (a graph per image size) or dynamic ones (benchmarks/compile_resolutions.py)."""
     model.to(info.device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)   # NHWC: what cuDNN's fast conv kernels want
@@ -197,11 +173,6 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
     top = output.topk(kmax, dim=1).indices
     hit = top == target[:, None]
     return torch.stack([hit[:, :min(k, kmax)].any(dim=1).sum() for k in ks])
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Top-k accuracies in percent (host floats: this one syncs)."""
-    return [100.0 * c / target.numel() for c in correct_topk(output, target, ks).tolist()]
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -288,158 +259,6 @@ class Trainer:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def epoch_batches(state: RunState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches of the rest of the current epoch (the caller takes ``state.steps - state.step``).
-
-    A resume is finished here, before the first batch: a loader with reader state (DALI) continues by itself;
-    one without replays the epoch's order (its order is a function of (seed, epoch) after set_epoch(): the
-    contract in pipelines.base), so the ``state.skip`` batches already trained on are drawn and dropped. Then this rank's
-    random generators from the checkpoint are restored, so the augmentations drawn from torch's generator
-    continue exactly. An epoch with no steps left (trained, evaluation pending) touches the loader not at
-    all. A loader whose iterator ends early - DALI continues an epoch that a steps_per_epoch cap left
-    unfinished, and that epoch may end first - is simply iterated again.
-    """
-    batches = iter(state.loader) if state.step < state.steps else iter(())
-    for _ in range(state.skip if state.step < state.steps else 0):
-        next(batches)
-    if state.resume_rng is not None:
-        set_rng_state(state.resume_rng)
-    state.skip, state.resume_rng = 0, None
-    return _continued(state.loader, batches)
-
-
-def _continued(loader, batches: Iterator) -> Iterator:
-    """``batches``, then the loader's next epochs, without end (the caller counts)."""
-    while True:
-        yield from batches
-        batches = iter(loader)
-
-
-class StepWindow:
-    """The steps since the last print (or save) point: loss and hits summed on the device, no host sync per
-    step; :meth:`fold` reads them once, adds them to the epoch's running sums and starts the next window."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self._start()
-
-    def _start(self) -> None:
-        self.loss.zero_()
-        self.correct.zero_()
-        self.steps, self.samples, self.wait = 0, 0, 0.0
-        sync(self.device)
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, samples: int) -> None:
-        self.loss += loss
-        self.correct += correct
-        self.steps += 1
-        self.samples += samples
-
-    def fold(self, state: RunState) -> dict:
-        """Sync; add the window to ``state.sums``; return its metrics (this rank's; img/s for all ranks)."""
-        sync(self.device)
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        loss, correct, s = self.loss.item() / max(self.steps, 1), self.correct.item(), state.sums
-        s.loss += loss * self.samples    # the steps' mean loss x samples: every training batch is full
-        s.correct += correct
-        s.samples += self.samples
-        s.seconds += elapsed
-        m = {"loss": loss, "top1": 100.0 * correct / max(self.samples, 1),
-             "img_s": self.samples * state.trainer.info.world_size / elapsed, "data_wait": self.wait / elapsed,
-             "step_time": elapsed / max(self.steps, 1)}
-        self._start()
-        return m
-
-
-def train_one_epoch(state: RunState, cfg: TrainConfig, log: RunLogger, saver: CheckpointSaver,
-                    preempt: PreemptionFlag, step: Optional[Callable] = None) -> dict:
-    """Train steps ``state.step`` .. ``state.steps - 1`` of epoch ``state.epoch``; return the epoch's summary,
-    all-reduced over the ranks (the whole epoch, also after a resume midway: its sums are checkpointed).
-    ``step(images, labels) -> (loss, correct)`` runs each step: Trainer.step unless given
-    (fdmobilenet.cuda_graph.GraphedStep.step replays it as a CUDA graph).
-
-    At each step boundary, in this order: every ``cfg.print_freq`` steps and at the epoch's last step a log
-    line (and the non-finite loss check); every ``preempt.poll_every`` steps and at the last step the ranks'
-    agreement on a preemption signal; a checkpoint every ``cfg.save_every_steps`` global steps (not at the
-    epoch's last step: the end of the epoch saves after its evaluation) and on a signal - one when both fall
-    on the step - then, on a signal, Preempted. A signal at the last step leaves the epoch trained but not evaluated: the resumed run
-    evaluates it first.
-    """
-    t, info, epochs = state.trainer, state.trainer.info, state.config.optim.epochs
-    t.model.train()
-    state.loader.set_epoch(state.epoch)
-    batches = epoch_batches(state)
-    window = StepWindow(info.device)
-    for _ in watchdog.timed_steps(range(state.step, state.steps)):   # a rank that stops progressing is killed
-        fetch_start = time.perf_counter()
-        images, labels = next(batches)
-        window.wait += time.perf_counter() - fetch_start
-        state.sums.lr = t.optimizer.param_groups[0]["lr"]   # what this step uses; the scheduler moves it after
-        loss, correct = (step or t.step)(images, labels)
-        window.add(loss, correct, labels.shape[0])
-        state.step += 1
-        last = state.step == state.steps
-        if state.step % cfg.print_freq == 0 or last:
-            t.check_finite(state.epoch)
-            m = window.fold(state)
-            s = state.sums
-            log.step({**m, "epoch": state.epoch + 1, "epochs": epochs, "step": state.step, "steps": state.steps,
-                      "global_step": t.global_step, "lr": s.lr, "loss_avg": s.loss / s.samples,
-                      "top1_avg": 100.0 * s.correct / s.samples,
-                      "steps_left": (epochs - state.epoch) * state.steps - state.step,
-                      "max_mem_gib": torch.cuda.max_memory_allocated(info.device) / 2**30
-                      if info.device.type == "cuda" else None})
-        save_due = cfg.save_every_steps > 0 and t.global_step % cfg.save_every_steps == 0 and not last
-        stop = (state.step % preempt.poll_every == 0 or last) and preempt.agreed(info)
-        if save_due or stop:            # one save when a periodic save and a preemption meet at a step
-            window.fold(state)
-            state.save(saver)
-        if stop:
-            raise Preempted(preempt.signal_name)
-    s = state.sums
-    loss_sum, correct, samples = all_reduce_sum(
-        torch.tensor([s.loss, s.correct, s.samples], dtype=torch.float64, device=info.device), info).tolist()
-    return {"epoch": state.epoch + 1, "train_res": state.loader.image_size, "lr": s.lr,
-            "train_loss": loss_sum / max(samples, 1),
-            "train_top1": 100.0 * correct / max(samples, 1), "img_s": samples / max(s.seconds, 1e-9),
-            "epoch_time_s": s.seconds}
-
-
-def validate(state: RunState, model: nn.Module, loader, cfg: TrainConfig, saver: CheckpointSaver,
-             preempt: PreemptionFlag) -> dict:
-    """The evaluation of a training epoch, of the weights the checkpoint will hold: val metrics, and the
-    EMA's top-1 when there is an EMA.
-
-    Every rank first takes rank 0's BatchNorm buffers (and the EMA's), the ones rank 0 saves. They differ
-    otherwise: DDP broadcasts rank 0's buffers at the start of every training forward, then each rank
-    updates its copy from its own batch, so after the last step every rank holds slightly different
-    running statistics, and a distributed evaluation would score a mixture no checkpoint contains.
-    Broadcasting rather than averaging (timm's distribute_bn offers both) keeps the saved file and the
-    training trajectory exactly as they were - the next forward broadcasts rank 0's buffers anyway - and
-    makes the logged numbers the saved model's: evaluate.py on the checkpoint, same ranks and batches,
-    reproduces them.
-
-    A preemption signal during the evaluation abandons it: the trained epoch is saved (``state.step ==
-    state.steps``) and Preempted raised; the resumed run evaluates the epoch first.
-    """
-    t = state.trainer
-    broadcast_buffers(t.module, t.info)
-    if t.ema is not None:
-        broadcast_buffers(t.ema.module, t.info)
-    try:
-        m = evaluate(model, loader, t.info, t.amp_dtype, cfg.print_freq, max_batches=cfg.val_steps, preempt=preempt)
-        if t.ema is not None:
-            m["ema_val_top1"] = evaluate(t.ema.module, loader, t.info, t.amp_dtype, max_batches=cfg.val_steps,
-                                         preempt=preempt)["val_top1"]
-    except Preempted:
-        state.save(saver)
-        raise
-    return m
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -130,7 +130,7 @@ class RunLogger:
         return path
 
     def step(self, m: dict) -> None:
-        """One print point (engine.train_one_epoch's metrics ``m``): a line in a log file, or an in-place
+        """One print point (fdmobilenet.loop.Loop.step_boundary's metrics ``m``): a line in a log file, or an in-place
         progress bar on a terminal. Loss and top-1 are the window's since the last print point, with the
         epoch's running average in brackets (rank 0's, as timm prints them); img/s counts all ranks."""
         if not self.enabled:

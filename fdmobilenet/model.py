@@ -31,8 +31,9 @@ class FDMobileNet(nn.Module):
     """FD-MobileNet classifier.
 
     Args:
-        width_mult: channel multiplier (the paper's 1x / 0.5x / 0.25x; any positive value works).
-        num_classes: size of the classifier output.
+        width_mult: channel multiplier (the paper's 1x / 0.5x / 0.25x; any positive value works: the config
+            checks the values users give, fdmobilenet.config.POSITIVE).
+        num_classes: size of the classifier output (at least 1).
         dropout: dropout before the classifier (0 = none, as the paper).
         in_channels: input image channels.
     """
@@ -40,10 +41,6 @@ class FDMobileNet(nn.Module):
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.0,
                  in_channels: int = 3):
         super().__init__()
-        if width_mult <= 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult!r}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
         self.width_mult = width_mult
         self.num_classes = num_classes
         layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -83,7 +80,3 @@ class FDMobileNet(nn.Module):
         x = self.features(x)
         x = torch.flatten(self.pool(x), 1)
         return self.classifier(self.dropout(x))
-
-
-def fd_mobilenet(width_mult: float = 1.0, **kwargs) -> FDMobileNet:
-    return FDMobileNet(width_mult=width_mult, **kwargs)

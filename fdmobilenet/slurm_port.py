@@ -1,9 +1,8 @@
 """The port of a SLURM job's rendezvous / process-group store: 29500 + (job id mod 10000), so that two jobs
 sharing a node do not collide.
 
-The one copy of the rule, for fdmobilenet.distributed and the sbatch scripts: launch/common.sh runs this file
-as a script (``python fdmobilenet/slurm_port.py``), which imports neither the package nor torch - a job's
-start does not pay a torch import for one number.
+The one copy of the rule, for fdmobilenet.distributed and the sbatch scripts: launch/common.sh runs
+``python -m fdmobilenet.slurm_port``, which imports no torch - a job's start does not pay for it.
 """
 import os
 

@@ -3,31 +3,13 @@
 every rank from the last checkpoint - instead of every other rank waiting out the 30-minute collective
 timeout (fdmobilenet.distributed.COLLECTIVE_TIMEOUT).
 
-The mechanism is torch.distributed.elastic.timer's file-based timer, served per rank:
-
-  * ``start(cfg.train)`` (once, before the process group and any thread exists) creates a FileTimerServer
-    on a private FIFO and forks a small watchdog process that runs it. The fork copies the already imported
-    modules: no second interpreter start-up, nothing else to install or launch.
-  * ``timed_steps(range(...))`` wraps the step loop: each iteration - its batch, the step, the logging, the
-    preemption poll, a step checkpoint - must end within the allowance, kept by a FileTimerClient timer
-    (re-armed by a JSON line into the FIFO, at most once a second). A timer that runs out
-    makes the watchdog process SIGKILL the rank: SIGKILL works on a rank that is stopped (``kill -STOP``),
-    stuck in a C call or waiting in a collective. The other ranks see their peer vanish (gloo) or run into
-    their own timers (NCCL may keep waiting), so every rank ends.
-  * The first step of a process (torch.compile, cuDNN autotuning, the loader's warm-up) gets
-    ``train.first_step_timeout_s`` instead.
-  * The FIFO lives in its own ``$TMPDIR/fdm-watchdog-*`` directory, removed when the rank ends or is killed
-    by its watchdog; a watchdog process that is itself SIGKILLed (a lost node) leaves it behind, empty.
-
-Why not torchrun's own server (TORCHELASTIC_ENABLE_FILE_TIMER=1, TORCHELASTIC_TIMER_FILE): after reaping an
-expired worker it SIGKILLs the process it runs in - the torchrun agent itself (FileTimerServer._run_watchdog,
-"Terminating the server process") - so ``--max-restarts`` can never restart the group (torch 2.14.1: torchrun
-is SIGKILLed, no restart; tests/test_watchdog.py); and launch/slurm_srun.sbatch runs the ranks without any
-agent. The per-rank server covers both: torchrun restarts or fails the group, ``srun --kill-on-bad-exit=1``
-ends the step. Why not only a shorter process-group timeout: it times out the ranks that wait for the hung one, not
-the hung one itself (stopped, in the loader, in a kernel), which then ignores the launcher's SIGTERM until
-its SIGKILL (torchrun: 30 s later on a restart); and it would have to cover the first step's compilation
-too, on every collective.
+``start(cfg.train)``, once before the process group and any thread exist, forks a small process that serves
+torch.distributed.elastic.timer's FileTimerServer on a private FIFO (in its own ``$TMPDIR/fdm-watchdog-*``
+directory, removed when the rank ends). ``timed_steps(range(...))`` wraps the step loop: each iteration - its
+batch, the step, the log line, the preemption poll, a step checkpoint - must end within the allowance
+(``train.first_step_timeout_s`` for a process's first step: compilation, warm-up), or the watchdog process
+SIGKILLs the rank, which works on a stopped rank, one stuck in a C call or in a collective. Why a server per
+rank rather than torchrun's own or a shorter collective timeout: docs/design-loop.md.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
 TORCHRUN=("$PYTHON" -m torch.distributed.run "--signals-to-handle=$SIGNALS_TO_HANDLE"
           "--shutdown-timeout=$SHUTDOWN_TIMEOUT" "--max-restarts=${MAX_RESTARTS:-0}")
 
-# Pre-flight: `train_ddp.py --check` in one plain process before any worker starts (fdmobilenet/preflight.py):
+# Pre-flight: `train_ddp.py --check` in one plain process before any worker starts (train_check.py):
 # config, data folders, global batch vs the planned world size(s), the checkpoint it would resume from. A
 # mistake there exits 2 with one line, and the launcher exits with that code: torchrun --max-restarts
 # restarts a failing worker whatever its exit code, and SLURM would requeue, so the same mistake would run
@@ -32,9 +32,9 @@ preflight() {  # $1 = planned world size(s), comma-separated; then the trainer's
 }
 
 # The port of this SLURM job's rendezvous (29500 + job id mod 10000: two jobs sharing a node do not collide),
-# from the one place that defines it, fdmobilenet/slurm_port.py (run as a script: no torch import).
+# from the one place that defines it, fdmobilenet/slurm_port.py (it and the package import no torch).
 slurm_job_port() {
-  "$PYTHON" "$ROOT/fdmobilenet/slurm_port.py"
+  (cd "$ROOT" && "$PYTHON" -m fdmobilenet.slurm_port)
 }
 
 # Processes per node: one per visible GPU (CUDA_VISIBLE_DEVICES honoured), else 2 CPU processes on gloo.
@@ -69,9 +69,9 @@ omp_threads_for() {  # $1 = processes on this node (cores: the SLURM task's CPUs
 # it in the environment, it passes through.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# Elastic restarts: by default the c10d rendezvous lends the workers ONE TCPStore for every restart round
-# (torch 2.14), so the restarted workers can read the dead round's gloo/NCCL addresses and hang or fail in
-# connectFullMesh (seen here in 2 of 3 restarts). Opting out gives each round a fresh store on worker rank 0.
+# Elastic restarts: by default the c10d rendezvous lends the workers ONE TCPStore for every restart round, so
+# the restarted workers can read the dead round's gloo/NCCL addresses and hang or fail in connectFullMesh.
+# Opting out gives each round a fresh store on worker rank 0.
 # On one node the trainer also keys each round apart itself; across nodes only this helps (docs/restarts.md).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Python output reaches the log as it happens (the tests and `tail -f` wait on log lines).

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from fdmobilenet.cli import DataError
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, CorruptImageError, DataError, check_split_name
+from pipelines.base import BatchLoader, check_split_name
 from pipelines.defaults import resolve_loader_defaults
 
-__all__ = ["build_loader", "build_loaders", "resolve_loader_defaults", "BatchLoader", "DataError",
-           "CorruptImageError"]
+__all__ = ["build_loader", "build_loaders", "resolve_loader_defaults", "BatchLoader"]
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,

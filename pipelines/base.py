@@ -11,7 +11,7 @@ in progress. ``set_epoch`` is where a loader follows a change of training resolu
 
 **The epoch's order** (what ``set_epoch`` guarantees): a loader *without* reader state (torchvision, synthetic)
 gives for ``set_epoch(e)`` an order that is a function of (data.seed, e) alone - the same in a restarted
-process - so a resumed run replays epoch e and drops the batches already trained (engine.epoch_batches). A
+process - so a resumed run replays epoch e and drops the batches already trained (fdmobilenet.loop.epoch_batches). A
 loader *with* reader state (DALI's train loader) continues from its ``state_dict`` instead, whatever epoch it
 is told; it reshuffles by itself at the end of each of its own epochs, and ``set_epoch`` before its first
 batch picks its shuffle seed (data.seed + e), so that a run resumed without reader state does not replay
@@ -27,15 +27,8 @@ from typing import Iterator
 
 import torch
 
+from fdmobilenet.cli import CorruptImageError, DataError
 from fdmobilenet.config import DataConfig
-
-
-class DataError(ValueError):
-    """The data on disk is not what the config promises; the message names the path and the fix."""
-
-
-class CorruptImageError(RuntimeError):
-    """An image could not be decoded; the message names the file."""
 
 
 def corrupt_image(path: str, what: str, folder, fix: str = "") -> CorruptImageError:

@@ -40,9 +40,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from fdmobilenet.cli import CorruptImageError, DataError
 from fdmobilenet.config import DataConfig
-from pipelines.base import (BatchLoader, CorruptImageError, DataError, corrupt_image, image_dtype,
-                            nchw_channels_last)
+from pipelines.base import BatchLoader, corrupt_image, image_dtype, nchw_channels_last
 from pipelines.preflight import CheckedSplit
 
 READER = "Reader"

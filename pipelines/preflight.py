@@ -1,7 +1,7 @@
 """The data pre-flight: one split listed and checked once, before its loader reads a batch.
 
 Both file loaders (DALI, torchvision) start from :func:`check_split`, and so does the launchers' pre-flight
-(``train_ddp.py --check``, fdmobilenet/preflight.py), without the scan. In order:
+(``train_ddp.py --check``, train_check.py), without the scan. In order:
 
 1. **Listing**: the ImageFolder tree (torchvision's ``find_classes`` / ``make_dataset``, so order and labels are
    ImageFolder's) or the webdataset shards with their DALI index files; folders, class count, empty classes and
@@ -39,9 +39,10 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+from fdmobilenet.cli import CorruptImageError, DataError
 from fdmobilenet.config import DataConfig
 from pipelines import manifest
-from pipelines.base import CorruptImageError, DataError, shard_bounds, split_dir
+from pipelines.base import shard_bounds, split_dir
 from pipelines.imagefolder import list_samples
 from pipelines.verify import CHECK_VERSION, JPEG_EOI, JPEG_SOI, check_image, map_files
 

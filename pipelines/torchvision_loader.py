@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from fdmobilenet.cli import CorruptImageError
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, CorruptImageError, corrupt_image, image_dtype
+from pipelines.base import BatchLoader, corrupt_image, image_dtype
 from pipelines.preflight import CheckedSplit
 
 

@@ -6,9 +6,9 @@ import shlex
 import pytest
 import torch
 
-from fdmobilenet import FDMobileNet
-from fdmobilenet.checkpoint import (CheckpointError, load_checkpoint, load_weights, model_state_dict,
-                                    save_checkpoint, strip_prefixes)
+from fdmobilenet.checkpoint import load_checkpoint, load_weights, model_state_dict, save_checkpoint, strip_prefixes
+from fdmobilenet.cli import CheckpointError
+from fdmobilenet.model import FDMobileNet
 
 
 def small_ckpt(seed=0):

@@ -14,9 +14,9 @@ from typing import Literal
 import pytest
 import yaml
 
-from fdmobilenet.config import (CONFIG_DIR, FAMILIES, ConfigError, ExperimentConfig, ModelConfig, OptimConfig,
-                                ResolutionRamp, SchedConfig, TrainConfig, build, choices, dump_yaml, from_dict,
-                                load_experiment, load_family, load_model_ref, read_yaml, resolve_path, to_dict)
+from fdmobilenet.config import (CONFIG_DIR, FAMILIES, ConfigError, ExperimentConfig, ResolutionRamp, SchedConfig,
+                                TrainConfig, build, choices, from_dict, load_experiment, load_family, load_model_ref,
+                                read_yaml, resolve_path, to_dict)
 
 SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
@@ -398,7 +398,7 @@ def test_bad_overrides(item, expected):
 def test_round_trips(tmp_path, data):
     exp = load_experiment(data=data, optim="SGD-90-nesterov", overrides=["data.scale=[0.08, 1.0]"])
     assert from_dict(to_dict(exp)) == exp
-    assert from_dict(read_yaml(write(tmp_path / "dump.yaml", dump_yaml(exp)))) == exp
+    assert from_dict(read_yaml(write(tmp_path / "dump.yaml", yaml.safe_dump(to_dict(exp), sort_keys=False)))) == exp
     # to_dict is plain data: it survives JSON (checkpoints, logs).
     assert from_dict(json.loads(json.dumps(to_dict(exp)))) == exp
 
@@ -411,6 +411,26 @@ def test_model_ref_is_a_width_or_a_config():
         load_model_ref("-1")
     with pytest.raises(ConfigError, match="config file not found: 0.3x"):
         load_model_ref("0.3x")
+
+
+@pytest.mark.parametrize("item, what", [("model.width_mult=0", "a width multiplier"),
+                                        ("model.width_mult=-0.5", "a width multiplier"),
+                                        ("model.width_mult=.inf", "a width multiplier"),
+                                        ("data.num_classes=0", "a class count")])
+def test_a_width_or_class_count_that_is_not_positive_never_reaches_the_model(tmp_path, item, what):
+    """The model takes any number; the config refuses what would build a degenerate network, from an override,
+    a family file and a stored config alike."""
+    key, value = item.split("=")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(overrides=[item])
+    assert str(e.value).startswith(f"command-line override '{item}': key '{key}': {what} must be positive, got ")
+    section, name = key.split(".")
+    path = write(tmp_path / f"{section}.yaml", f"{name}: {value}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: key '{key}': {what} must be positive"):
+        load_family(section, str(path))
+    with pytest.raises(ConfigError, match=f"key '{key}': {what} must be positive"):
+        from_dict({section: {name: yaml.safe_load(value)}})
+    assert load_experiment(overrides=["data.num_classes=auto", "model.width_mult=0.25"]).model.width_mult == 0.25
 
 
 # ------------------------------------------------------------------------------------------ composition
@@ -514,38 +534,6 @@ def test_a_number_or_auto_names_both_in_its_error(mapping, expected):
     with pytest.raises(ConfigError) as e:
         build(Knobs, mapping, "k.yaml", "data")
     assert str(e.value) == f"k.yaml: {expected}"
-
-
-# ------------------------------------------------------------------------------------- retired keys
-OLD_CONFIG = {"model": {"name": "1x-FDMobileNet-224", "arch": "fd_mobilenet", "width_mult": 1.0, "input_size": 224,
-                        "dropout": 0.0},
-              "optim": {"name": "SGD-120-nesterov", "optimizer": "sgd", "lr": 0.1}}
-
-
-def test_a_stored_config_with_retired_keys_still_loads(tmp_path):
-    """Checkpoints and {label}.config.yaml written before model.arch, model.input_size and optim.optimizer
-    were removed: those keys are dropped, the rest is read."""
-    exp = from_dict(OLD_CONFIG)
-    assert exp.model == ModelConfig() and exp.optim == OptimConfig()
-    run_config = write(tmp_path / "old.config.yaml", yaml.safe_dump({"run": {"git_commit": "e0ee87a"},
-                                                                     **OLD_CONFIG}))
-    assert load_experiment(str(run_config)) == exp
-
-
-@pytest.mark.parametrize("item, why", [
-    ("model.input_size=160", "the train crop is data.crop_size, the val crop data.val_crop"),
-    ("model.arch=fd_mobilenet", "FD-MobileNet is the only architecture"),
-    ("optim.optimizer=sgd", "SGD is the only optimizer"),
-])
-def test_a_retired_key_written_by_hand_says_it_is_no_longer_read(tmp_path, item, why):
-    key = item.split("=")[0]
-    with pytest.raises(ConfigError) as e:
-        load_experiment(overrides=[item])
-    assert str(e.value) == f"command-line override '{item}': key '{key}' is no longer read ({why}); remove it"
-    section, name = key.split(".")
-    path = write(tmp_path / "old.yaml", f"{name}: {item.split('=')[1]}\n")
-    with pytest.raises(ConfigError, match=f"^{path}: key '{key}' is no longer read"):
-        load_family(section, str(path))
 
 
 # --------------------------------------------------------------------------------------------- messages

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdmobilenet import FDMobileNet
 from fdmobilenet.checkpoint import load_checkpoint, save_checkpoint
+from fdmobilenet.model import FDMobileNet
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("convert_model", ROOT / "convert_model.py")

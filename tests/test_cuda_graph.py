@@ -27,11 +27,11 @@ from fdmobilenet.config import (ConfigError, ExperimentConfig, OptimConfig, Reso
 from fdmobilenet.cuda_graph import GraphedStep, use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.engine import (NonFiniteLossError, PreemptionFlag, Trainer, make_grad_scaler, prepare_model,
-                                setup_backends, train_one_epoch)
+                                setup_backends)
 from fdmobilenet.logs import RunLogger
+from fdmobilenet.loop import Loop, RunState
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler
-from fdmobilenet.state import RunState
 from launch_support import build_digits, env, kill_group, start, wait_for
 from pipelines import build_loader
 
@@ -186,20 +186,10 @@ def test_graph_is_captured_again_when_what_it_baked_in_changes():
         graphed.check_finite(epoch=0)
 
 
-def test_graphed_step_refuses_what_it_cannot_capture():
-    optim = OptimConfig(batch_size=8, base_batch_size=8)
-    with pytest.raises(ValueError, match="GradScaler"):
-        GraphedStep(tiny_trainer(CPU, optim, SchedConfig(), amp=torch.float16))
-    t = tiny_trainer(CPU, optim, SchedConfig())
-    t.info = DistInfo(0, 0, 2, torch.device("cpu"))          # as a rank of two sees it (no process group here)
-    with pytest.raises(ValueError, match="one-GPU only"):
-        GraphedStep(t)
-
-
-def loop_state(tmp_path: Path, label: str, **data) -> tuple[RunState, CheckpointSaver, RunLogger]:
-    """A RunState over the synthetic loader (fused SGD, cosine with warm-up, EMA), its saver, a silent log;
+def training_loop(tmp_path: Path, label: str, train: TrainConfig, preempt: PreemptionFlag, **data) -> Loop:
+    """A Loop over the synthetic loader (fused SGD, cosine with warm-up, EMA), its saver, a silent log;
     ``data``: DataConfig fields to change."""
-    cfg = ExperimentConfig()
+    cfg = ExperimentConfig(train=train)
     cfg.data = dataclasses.replace(cfg.data, **{"loader": "synthetic", "num_classes": 10, "crop_size": 32,
                                                 "val_crop": 32, **data})
     cfg.optim = dataclasses.replace(cfg.optim, epochs=2, batch_size=8, base_batch_size=8, lr=0.05, impl="fused",
@@ -207,12 +197,12 @@ def loop_state(tmp_path: Path, label: str, **data) -> tuple[RunState, Checkpoint
     cfg.sched = SchedConfig(type="cosine")
     t = tiny_trainer(CPU, cfg.optim, cfg.sched, ema=0.9, steps_per_epoch=5)
     loader = build_loader(cfg.data, "train", 8, device=CPU.device)
-    return (RunState(t, loader, cfg, 5), CheckpointSaver(tmp_path, label),
-            RunLogger(str(tmp_path), label, enabled=False))
+    return Loop(RunState(t, loader, cfg, 5), CheckpointSaver(tmp_path, label),
+                RunLogger(str(tmp_path), label, enabled=False), preempt)
 
 
 def test_the_loop_trains_with_the_graphed_step_checkpoints_and_resumes_like_eager(tmp_path):
-    """engine.train_one_epoch with GraphedStep.step (stand-in capture) for two epochs of 5 steps, a step
+    """Loop.train_epoch with GraphedStep.step (stand-in capture) for two epochs of 5 steps, a step
     checkpoint every 4 global steps: the same weights, momentum, EMA and lr as the eager loop, bitwise. Then
     its last step checkpoint resumed eagerly, and the eager one resumed graphed (a warm-up step, then a
     capture and a replay): each continues to the same end state."""
@@ -222,11 +212,12 @@ def test_the_loop_trains_with_the_graphed_step_checkpoints_and_resumes_like_eage
         train = TrainConfig(print_freq=2, save_every_steps=4)
         runs = {}
         for label, graphed in (("eager", False), ("graphed", True)):
-            state, saver, log = loop_state(tmp_path, label)
-            capture = ReplayByCalling()
-            step = GraphedStep(state.trainer, warmup_steps=2, capture=capture).step if graphed else None
+            loop = training_loop(tmp_path, label, train, preempt)
+            state, capture = loop.state, ReplayByCalling()
+            if graphed:
+                loop.train_step = GraphedStep(state.trainer, warmup_steps=2, capture=capture).step
             while state.epoch < 2:
-                train_one_epoch(state, train, log, saver, preempt, step)
+                loop.train_epoch()
                 state.end_epoch({"epoch": state.epoch + 1})
             runs[label] = state
             if graphed:
@@ -236,11 +227,12 @@ def test_the_loop_trains_with_the_graphed_step_checkpoints_and_resumes_like_eage
         for written, resumed_graphed in (("graphed", False), ("eager", True)):
             ckpt = load_checkpoint(tmp_path / f"{written}.pth.tar")
             assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 3, 8)
-            state, saver, log = loop_state(tmp_path, f"resumed-{written}")
+            loop = training_loop(tmp_path, f"resumed-{written}", train, preempt)
+            state, capture = loop.state, ReplayByCalling()
             state.load_state_dict(ckpt, written)
-            capture = ReplayByCalling()
-            step = GraphedStep(state.trainer, warmup_steps=1, capture=capture).step if resumed_graphed else None
-            train_one_epoch(state, train, log, saver, preempt, step)
+            if resumed_graphed:
+                loop.train_step = GraphedStep(state.trainer, warmup_steps=1, capture=capture).step
+            loop.train_epoch()
             assert capture.captures == (1 if resumed_graphed else 0)
             assert_same_training_state(runs["eager"].trainer, state.trainer, rtol=0, atol=0)
     finally:
@@ -256,13 +248,14 @@ def test_the_graphed_step_is_captured_once_per_training_resolution(tmp_path):
     try:
         preempt, train, runs = PreemptionFlag(), TrainConfig(print_freq=5), {}
         for label, graphed in (("eager", False), ("graphed", True)):
-            state, saver, log = loop_state(tmp_path, label, crop_size=64,
-                                           train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
-            capture = ReplayByCalling()
-            step = GraphedStep(state.trainer, warmup_steps=2, capture=capture).step if graphed else None
+            loop = training_loop(tmp_path, label, train, preempt, crop_size=64,
+                                 train_res=ResolutionRamp(start_res=32, ramp_start=1, ramp_end=2))
+            state, capture = loop.state, ReplayByCalling()
+            if graphed:
+                loop.train_step = GraphedStep(state.trainer, warmup_steps=2, capture=capture).step
             sizes = []
             while state.epoch < 2:
-                sizes.append(train_one_epoch(state, train, log, saver, preempt, step)["train_res"])
+                sizes.append(loop.train_epoch()["train_res"])
                 state.end_epoch({"epoch": state.epoch + 1})
             assert sizes == [32, 64] and capture.captures == (2 if graphed else 0)
             runs[label] = state

@@ -15,7 +15,8 @@ import torch
 
 import loader_support
 from launch_support import LAUNCH, REPO, build_digits, env, run, run_words
-from pipelines import CorruptImageError, build_loader
+from fdmobilenet.cli import CorruptImageError
+from pipelines import build_loader
 from pipelines.manifest import NAME
 from pipelines.preflight import check_split
 from pipelines.verify import main as verify_main
@@ -104,8 +105,8 @@ def test_on_corrupt_skip_decodes_in_threads_without_forking(photos, monkeypatch)
 
 SHARED_CHECK = """
 import sys, torch.distributed as dist
+from fdmobilenet.cli import CorruptImageError
 from fdmobilenet.config import DataConfig
-from pipelines import CorruptImageError
 from pipelines.preflight import check_split
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

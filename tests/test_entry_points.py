@@ -1,6 +1,6 @@
 """Every command of the project answers a user's mistake the same way: one line naming what is wrong and what
 to do, exit code 2, no traceback (fdmobilenet/cli.py); and none starts with a Python warning of its own.
-train_ddp.py, evaluate.py, predict and convert_model.py: tests/test_bad_input.py, test_predict.py,
+train_ddp.py, evaluate.py, predict.py and convert_model.py: tests/test_bad_input.py, test_predict.py,
 test_convert.py; benchmarks.accuracy_table: test_accuracy_table.py; pipelines.imagenet's archive mistakes:
 test_imagenet_archives.py."""
 from __future__ import annotations

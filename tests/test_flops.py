@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from fdmobilenet import FDMobileNet
 from fdmobilenet.flops import check, count_macs, count_params, main
+from fdmobilenet.model import FDMobileNet
 
 ROOT = Path(__file__).resolve().parents[1]
 

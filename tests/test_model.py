@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from fdmobilenet import FDMobileNet
 from fdmobilenet.checkpoint import load_checkpoint, load_weights
+from fdmobilenet.model import FDMobileNet
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,3 @@ def test_plain_relu_and_no_conv_bias():
     assert all(c.bias is None for c in convs)
     assert sum(c.groups == c.in_channels > 1 for c in convs) == 11  # the depthwise convs
 
-
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="width_mult"):
-        FDMobileNet(0)
-    with pytest.raises(ValueError, match="num_classes"):
-        FDMobileNet(1.0, num_classes=0)

@@ -1,6 +1,6 @@
 """The README's "Train on your own images" recipe, run as written: its commands are read from README.md and
 run one by one by bash, from a folder that holds the data where the recipe says (data/mine, an ImageFolder of
-real photos with class folders named like a user's), the repository's two scripts and a photo.jpg, with
+real photos with class folders named like a user's), the repository's three scripts and a photo.jpg, with
 `python` the project's interpreter. The data is smaller than the few hundred images the recipe is measured
 on (docs/own-images.md), so that the 30 epochs take seconds."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_the_readme_recipe_for_own_images_runs_as_written(tmp_path):
         for k, name in enumerate(CLASSES):
             (tmp_path / "data" / "mine" / split / f"c{k:02d}").rename(tmp_path / "data" / "mine" / split / name)
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "photo.jpg", quality=90)
-    for script in ("train_ddp.py", "evaluate.py"):
+    for script in ("train_ddp.py", "evaluate.py", "predict.py"):
         (tmp_path / script).symlink_to(REPO / script)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
@@ -43,7 +43,7 @@ def test_the_readme_recipe_for_own_images_runs_as_written(tmp_path):
 
     commands = recipe_commands()
     assert [c.split()[:2] for c in commands] == [["python", "-m"], ["python", "train_ddp.py"],
-                                                 ["python", "evaluate.py"], ["python", "-m"]]
+                                                 ["python", "evaluate.py"], ["python", "predict.py"]]
     out = {}
     for command in commands:
         p = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=environment, capture_output=True, text=True,
@@ -51,7 +51,7 @@ def test_the_readme_recipe_for_own_images_runs_as_written(tmp_path):
         assert p.returncode == 0, f"{command}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         out[command.split()[1 if command.split()[1] != "-m" else 2]] = p.stdout + p.stderr
     verify, train, evaluate, predict = out["pipelines.verify"], out["train_ddp.py"], out["evaluate.py"], \
-        out["fdmobilenet.predict"]
+        out["predict.py"]
     assert "manifest: data/mine/train/.manifest.tsv" in verify and "0 errors" in verify
     assert "| 4 classes (class folders in data/mine/train) |" in train and "lr 0.1 = 0.1 x 32/32" in train
     assert "| amp off |" in train                       # the CPU's full fp32, not 'amp None'

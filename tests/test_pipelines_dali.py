@@ -17,9 +17,10 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import loader_support
+from fdmobilenet.cli import CorruptImageError, DataError
 from fdmobilenet.config import ResolutionRamp
 from loader_support import epoch_labels
-from pipelines import CorruptImageError, DataError, build_loader
+from pipelines import build_loader
 from pipelines.base import split_dir
 from pipelines.preflight import SOF_MARKERS, check_split, file_damage, list_folder
 from pipelines.dali import DaliLoader

@@ -15,7 +15,8 @@ import loader_support
 from launch_support import children
 from loader_support import epoch_labels
 from fdmobilenet.config import ResolutionRamp
-from pipelines import DataError, build_loader
+from fdmobilenet.cli import DataError
+from pipelines import build_loader
 from pipelines.synthetic import SyntheticLoader
 from pipelines.torchvision_loader import TorchvisionLoader
 
@@ -83,7 +84,7 @@ def test_torchvision_train_reshuffles_per_epoch_disjoint_across_ranks(unique_roo
 def test_torchvision_epoch_order_is_a_function_of_seed_and_epoch(unique_root):
     """set_epoch's contract for a loader without reader state (pipelines.base): epoch e's order is the same
     whatever came before, e.g. in a restarted process - what a resumed run relies on to replay the epoch and
-    drop the batches it trained already (engine.epoch_batches)."""
+    drop the batches it trained already (fdmobilenet.loop.epoch_batches)."""
     straight = build_loader(small(unique_root, 11), "train", 1, device=CPU)
     orders = [epoch_labels(straight, e) for e in range(3)]
     restarted = build_loader(small(unique_root, 11), "train", 1, device=CPU)
@@ -148,7 +149,7 @@ def test_exif_orientation_is_applied_like_dali(tmp_path):
     import skimage.data
     from PIL import Image
 
-    from fdmobilenet.predict import preprocess, read_image
+    from predict import preprocess, read_image
     upright = Image.fromarray(skimage.data.chelsea())              # 451 x 300: rotating it changes the crop
     (tmp_path / "val" / "c00").mkdir(parents=True)
     (tmp_path / "val" / "c01").mkdir()
@@ -176,7 +177,7 @@ def test_torchvision_names_an_undecodable_file_like_dali(photo_root, tmp_path, w
 
     from PIL import Image
 
-    from pipelines import CorruptImageError
+    from fdmobilenet.cli import CorruptImageError
     root = tmp_path / "data"
     shutil.copytree(photo_root, root)
     victim = root / "val" / "c01" / "half_png.jpg"
@@ -199,7 +200,7 @@ def test_torchvision_names_an_undecodable_file_like_dali(photo_root, tmp_path, w
 def test_zero_byte_file_is_called_empty(photo_root, tmp_path, loader):
     import shutil
 
-    from pipelines import CorruptImageError
+    from fdmobilenet.cli import CorruptImageError
     root = tmp_path / "data"
     shutil.copytree(photo_root, root)
     victim = root / "train" / "c00" / "empty.jpg"

@@ -1,4 +1,4 @@
-"""fdmobilenet.predict: the authors' released 0.25x weights on real photos (scikit-image's Chelsea), and a
+"""predict.py: the authors' released 0.25x weights on real photos (scikit-image's Chelsea), and a
 model of this project's own (the digits) scored with its run's preprocessing and class names."""
 import csv
 import json
@@ -12,8 +12,8 @@ from PIL import Image
 from skimage import data
 
 from fdmobilenet.checkpoint import load_checkpoint, save_checkpoint
-from fdmobilenet.predict import imagenet_classes, main
 from launch_support import REPO, build_digits, env, run_words
+from predict import imagenet_classes, main
 
 CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
 
@@ -27,7 +27,7 @@ def photos(tmp_path_factory):
 
 
 def test_json_output_released_weights_see_a_cat(released_weights, photos):
-    done = subprocess.run([sys.executable, "-m", "fdmobilenet.predict", "--checkpoint", str(released_weights),
+    done = subprocess.run([sys.executable, str(REPO / "predict.py"), "--checkpoint", str(released_weights),
                            "--model", "0.25x-FDMobileNet-224", "--json",
                            str(photos / "chelsea.jpg"), str(photos / "coffee.jpg")],
                           capture_output=True, text=True, timeout=120)

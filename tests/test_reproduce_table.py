@@ -32,11 +32,10 @@ from fdmobilenet.checkpoint import load_checkpoint
 from fdmobilenet.config import load_experiment, read_yaml
 from fdmobilenet.flops import count_macs, count_params
 from fdmobilenet.model import FDMobileNet
-from fdmobilenet.runs import read_rows
 from launch_support import LAUNCH, REPO, build_digits, run, start, tail, wait_for
 from slurm_support import running_cluster
 
-from benchmarks.accuracy_table import main as table_main
+from benchmarks.accuracy_table import main as table_main, read_rows
 
 WIDTHS = {"1x": 1.0, "0.5x": 0.5, "0.25x": 0.25}
 PAPER_TOP1 = {1.0: 65.3, 0.5: 56.3, 0.25: 45.1}     # FD-MobileNet, Qin et al. 2018

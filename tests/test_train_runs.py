@@ -263,10 +263,11 @@ import pipelines
 from fdmobilenet.checkpoint import CheckpointSaver
 from fdmobilenet.config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
 from fdmobilenet.distributed import gather_to_main, init_distributed, shutdown
-from fdmobilenet.engine import PreemptionFlag, Trainer, prepare_model, validate
+from fdmobilenet.engine import PreemptionFlag, Trainer, prepare_model
+from fdmobilenet.logs import RunLogger
+from fdmobilenet.loop import Loop, RunState
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler
-from fdmobilenet.state import RunState
 
 info = init_distributed("cpu")
 torch.manual_seed(0)
@@ -291,8 +292,8 @@ def ranks_agree(module):
 
 
 before = ranks_agree(t.ema.module), ranks_agree(module)
-validate(RunState(t, train, cfg, 3), eval_model, val, cfg.train, CheckpointSaver(sys.argv[1], "ema"),
-         PreemptionFlag())
+Loop(RunState(t, train, cfg, 3), CheckpointSaver(sys.argv[1], "ema"), RunLogger(sys.argv[1], "ema", False),
+     PreemptionFlag(), eval_model=eval_model, val_loader=val).validate()
 after = ranks_agree(t.ema.module), ranks_agree(module)
 if info.is_main:
     print(f"BatchNorm buffers equal on both ranks (EMA, model): before the evaluation {before}, after {after}",
@@ -302,7 +303,7 @@ shutdown()
 
 
 def test_after_an_evaluation_every_rank_holds_rank_0s_batchnorm_buffers_in_the_ema_too(tmp_path):
-    """engine.validate on 2 gloo ranks after 3 steps on each rank's own batches: before it, the ranks' BatchNorm
+    """Loop.validate on 2 gloo ranks after 3 steps on each rank's own batches: before it, the ranks' BatchNorm
     running statistics differ, in the model and in its EMA (each rank updates both from its own batch); after
     it, every rank holds rank 0's - the ones rank 0 saves - so the logged EMA numbers are the checkpoint's.
     (Compared by value: the EMA's val loss moves by less than 1e-4 here, and its top-1 by one image at most.)"""

@@ -8,8 +8,7 @@ from torch import nn
 
 from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, load_experiment
 from fdmobilenet.distributed import init_distributed
-from fdmobilenet.engine import (Trainer, accuracy, correct_topk, evaluate, make_grad_scaler, prepare_model,
-                                resolve_amp)
+from fdmobilenet.engine import Trainer, correct_topk, evaluate, make_grad_scaler, prepare_model, resolve_amp
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, lr_multiplier, scaled_lr
 
@@ -201,7 +200,7 @@ def test_compile_dynamic_decides_the_graphs_of_a_second_image_size(dynamic, symb
 
 def test_accuracy_topk():
     output = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.8, 0.1, 0.05, 0.03, 0.01, 0.0]])
-    top1, top5 = accuracy(output, torch.tensor([1, 5]))
+    top1, top5 = (100.0 * correct_topk(output, torch.tensor([1, 5])) / 2).tolist()
     assert top1 == 50.0 and top5 == 50.0
 
 
@@ -212,7 +211,7 @@ def test_topk_counts_each_k_separately():
     output = torch.stack([ranked.roll(shift) for shift in range(4)])
     labels = torch.tensor([0, 3, 6, 8])                 # ranked 1st, 3rd, 5th, 6th in their rows
     assert correct_topk(output, labels, (1, 2, 5, 10)).tolist() == [1, 1, 3, 4]
-    assert accuracy(output, labels) == [25.0, 75.0]
+    assert (100.0 * correct_topk(output, labels) / 4).tolist() == [25.0, 75.0]
     m = evaluate(nn.Identity(), [(output[:3], labels[:3]), (output[3:], labels[3:])], init_distributed("cpu"))
     assert (m["val_top1"], m["val_top5"], m["val_images"]) == (25.0, 75.0, 4)
 
@@ -253,40 +252,42 @@ def preempt():
         signal.signal(sig, handler)
 
 
-def tiny_run(tmp_path, steps: int = 4):
-    """A RunState over the synthetic loader (one process, CPU), its saver and a logger that prints nothing."""
+def tiny_run(tmp_path, preempt, steps: int = 4, **train):
+    """A Loop over the synthetic loader (one process, CPU), its saver and a logger that prints nothing;
+    ``train``: TrainConfig fields to change."""
     import dataclasses
 
     from fdmobilenet.checkpoint import CheckpointSaver
     from fdmobilenet.config import ExperimentConfig
     from fdmobilenet.logs import RunLogger
-    from fdmobilenet.state import RunState
+    from fdmobilenet.loop import Loop, RunState
     from pipelines import build_loader
     t, _, _ = tiny_trainer(TrainConfig(compile="off"), ema_decay=0.9)
     cfg = ExperimentConfig()
     cfg.data = dataclasses.replace(cfg.data, loader="synthetic", num_classes=10, crop_size=32, val_crop=32)
     cfg.optim = dataclasses.replace(cfg.optim, epochs=2, batch_size=8)
+    cfg.train = dataclasses.replace(cfg.train, **train)
     loader = build_loader(cfg.data, "train", 8, device=t.info.device)
-    return (RunState(t, loader, cfg, steps), CheckpointSaver(tmp_path, "tiny"),
-            RunLogger(str(tmp_path), "tiny", enabled=False))
+    return Loop(RunState(t, loader, cfg, steps), CheckpointSaver(tmp_path, "tiny"),
+                RunLogger(str(tmp_path), "tiny", enabled=False), preempt)
 
 
 def test_run_state_round_trips_through_a_checkpoint(tmp_path, preempt):
     """RunState.state_dict -> file -> load_state_dict into a fresh state: the same weights, optimizer, EMA,
     position, best and epoch sums; and both states then train to the same weights."""
     from fdmobilenet.checkpoint import load_checkpoint
-    from fdmobilenet.engine import train_one_epoch
-    state, saver, log = tiny_run(tmp_path)
-    cfg = TrainConfig(print_freq=1)
+    loop = tiny_run(tmp_path, preempt, print_freq=1)
+    state, saver = loop.state, loop.saver
     state.step = 1                              # a mid-epoch position, as after a step checkpoint
     state.best_top1, state.best_epoch = 12.5, 1
-    train_one_epoch(state, cfg, log, saver, preempt)
+    loop.train_epoch()
     assert (state.step, state.trainer.global_step, state.sums.samples) == (4, 3, 24)
-    state.save(saver)
+    loop.save()
     ckpt = load_checkpoint(saver.path)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["best_epoch"]) == (0, 4, 3, 1)
 
-    other, _, _ = tiny_run(tmp_path)
+    other_loop = tiny_run(tmp_path, preempt, print_freq=1)
+    other = other_loop.state
     other.load_state_dict(ckpt, str(saver.path))
     assert (other.epoch, other.step, other.best_top1, other.best_epoch) == (0, 4, 12.5, 1)
     assert other.sums == state.sums and other.trainer.global_step == 3
@@ -294,19 +295,14 @@ def test_run_state_round_trips_through_a_checkpoint(tmp_path, preempt):
         assert torch.equal(a, b)
     for a, b in zip(state.trainer.ema.module.state_dict().values(), other.trainer.ema.module.state_dict().values()):
         assert torch.equal(a, b)
-    # the epoch's steps are done: a resumed train_one_epoch runs none and reports the whole epoch's sums
-    assert train_one_epoch(other, cfg, log, saver, preempt)["train_loss"] == pytest.approx(state.sums.loss / 24)
-    for s in (state, other):
-        s.end_epoch({"epoch": 1, "val_top1": 10.0})
-        train_one_epoch(s, cfg, log, saver, preempt)
+    # the epoch's steps are done: a resumed train_epoch runs none and reports the whole epoch's sums
+    assert other_loop.train_epoch()["train_loss"] == pytest.approx(state.sums.loss / 24)
+    for each in (loop, other_loop):
+        each.state.end_epoch({"epoch": 1, "val_top1": 10.0})
+        each.train_epoch()
     assert state.trainer.global_step == other.trainer.global_step == 7 and state.best_epoch == 1
     for a, b in zip(state.trainer.module.state_dict().values(), other.trainer.module.state_dict().values()):
         assert torch.equal(a, b)
-    # a checkpoint written before best_epoch / epoch_sums existed still loads
-    old_format = {k: v for k, v in ckpt.items() if k not in ("best_epoch", "epoch_sums")}
-    older, _, _ = tiny_run(tmp_path)
-    older.load_state_dict(old_format, "old.pth.tar")
-    assert (older.epoch, older.step, older.best_epoch, older.sums.samples) == (0, 4, 0, 0)
 
 
 def test_best_checkpoint_is_a_link_to_the_saved_file_not_a_second_save(tmp_path, monkeypatch):
@@ -331,7 +327,7 @@ def test_best_checkpoint_is_a_link_to_the_saved_file_not_a_second_save(tmp_path,
 # -------------------------------------------------------------------------------------------------- logs
 def test_step_line_has_running_averages_and_gpu_memory(tmp_path, capsys):
     """timm's `loss 2.33 (2.35)`: the window's value, the epoch's running average in brackets; the CUDA
-    memory high-water mark when the trainer runs on a GPU (engine.train_one_epoch passes None on CPU)."""
+    memory high-water mark when the trainer runs on a GPU (Loop.step_boundary passes None on CPU)."""
     from fdmobilenet.logs import RunLogger
     log = RunLogger(str(tmp_path), "r", enabled=True)
     m = {"epoch": 2, "epochs": 3, "step": 10, "steps": 20, "global_step": 30, "loss": 2.3312, "loss_avg": 2.3501,

@@ -1,6 +1,6 @@
 """Top-5 predictions of a trained FD-MobileNet for image files, with the names of its classes.
 
-    python -m fdmobilenet.predict --checkpoint checkpoints/mine_best.pth.tar [--model 0.25] photo.jpg [--json]
+    python predict.py --checkpoint checkpoints/mine_best.pth.tar [--model 0.25] photo.jpg [--json]
 
 Without --model the width and class count are the checkpoint's (its stored config, else its tensor shapes).
 Images are read as the torchvision loader reads them (turned upright by their EXIF orientation, as DALI
@@ -24,13 +24,11 @@ import torchvision
 from PIL import Image
 from torchvision.transforms.functional import normalize
 
+from fdmobilenet import cli
+from fdmobilenet.checkpoint import checkpoint_run, load_checkpoint, load_weights, model_config
+from fdmobilenet.config import DataConfig, load_model_ref
+from fdmobilenet.model import FDMobileNet
 from pipelines.torchvision_loader import open_rgb, val_transform
-
-from . import cli
-from .checkpoint import load_checkpoint, load_weights, model_config
-from .config import DataConfig, load_model_ref
-from .model import FDMobileNet
-from .runs import checkpoint_run
 
 PROG = "predict"
 
@@ -106,7 +104,7 @@ def predict(model: torch.nn.Module, images: Sequence[Image.Image], data: Optiona
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fdmobilenet.predict",
+        prog="python predict.py",
         description="Print the top-5 classes (index, name, probability) of each image, preprocessed as the "
                     "run that trained the checkpoint evaluated its images.")
     parser.add_argument("--checkpoint", required=True, help="model checkpoint (.pth.tar)")

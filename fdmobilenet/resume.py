@@ -1,37 +1,19 @@
-"""The pre-flight check of a training command: what would fail in every worker, found in one plain process.
+"""What a training command continues from: the checkpoint it resumes (or evaluates), checked to fit before any
+worker builds a loader, and the config a label was saved with.
 
-    python train_ddp.py --check --world-size 8 [the run's own arguments]
-
-The launchers (launch/*.sh, launch/*.sbatch) run it before torchrun / srun and stop on its exit code: a
-user's mistake exits 2 with one line (fdmobilenet.cli), so a job that cannot work is never started,
-restarted by torchrun (--max-restarts restarts a worker whatever its exit code) or requeued by SLURM. It is
-cheap - no device, no loader, no image decoded: the config resolved, the global batch against the planned
-world size(s), ``train.cuda_graphs=on`` against them and the AMP / SGD settings, the data's splits listed
-and their manifests checked (pipelines.preflight), the checkpoint the run would resume from loaded and
-fitted to the model.
-
-The checks are the functions in CHECKS, run in order; each takes the Plan and returns a line for the report
-or raises a user error (fdmobilenet.cli.USER_ERRORS). A new check is one more function on that list. The
-workers themselves call the parts that decide what they do (per_rank_batch, use_cuda_graphs,
-checkpoint_to_resume, check_split), so the answers are the same in both places.
+train_ddp.py's ranks and its ``--check`` call the same functions here, so that both give the same answer.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-
-from fdmobilenet.checkpoint import CheckpointError, load_checkpoint, load_weights
-from fdmobilenet.cli import UsageError
-from fdmobilenet.config import ExperimentConfig, changes, from_dict, to_dict
-from fdmobilenet.cuda_graph import use_cuda_graphs
-from fdmobilenet.distributed import DistInfo
+from fdmobilenet.checkpoint import CONFIG_SUFFIX, CheckpointSaver, load_checkpoint, load_weights
+from fdmobilenet.cli import CheckpointError, UsageError
+from fdmobilenet.config import ConfigError, ExperimentConfig, changes, from_dict, read_yaml, to_dict
 from fdmobilenet.model import FDMobileNet
-from pipelines.base import train_steps
-from pipelines.preflight import check_split, each_split
 
 
 @dataclass
@@ -120,61 +102,23 @@ def nothing_left(ckpt: dict, cfg: ExperimentConfig, path: Path) -> Optional[str]
     """The message for a run whose checkpoint has completed every epoch; None while there is work left."""
     if ckpt["epoch"] < cfg.optim.epochs:
         return None
-    best = f" (best val top-1 {ckpt['best_top1']:.2f}% at epoch {ckpt.get('best_epoch', '?')})"
+    best = f" (best val top-1 {ckpt['best_top1']:.2f}% at epoch {ckpt['best_epoch']})"
     return (f"{path} has completed all {cfg.optim.epochs} epochs{best}: nothing left to do. Raise optim.epochs "
             f"to train on, --evaluate to score it, or --fresh to start over")
 
 
-# ---------------------------------------------------------------------------------------------- the checks
-def check_batch(plan: Plan) -> str:
-    shares = [f"{per_rank_batch(plan.config, n)} x {n}" for n in plan.world_sizes]
-    return f"global batch {plan.config.optim.batch_size} = {' or '.join(shares)} ranks"
-
-
-def check_cuda_graphs(plan: Plan) -> str:
-    """The ranks' own decision (fdmobilenet.cuda_graph.use_cuda_graphs) for what is known here - the world
-    sizes, train.amp, optim.impl, train.compile_mode, an explicit train.device=cpu - so that an impossible
-    ``train.cuda_graphs=on`` never starts (under torchrun --max-restarts it would be restarted). Whether the
-    ranks see a GPU, and whether it has bf16 (amp auto), is theirs to find."""
-    train = plan.config.train
-    device = torch.device("cpu" if train.device == "cpu" else "cuda")
-    amp = {"off": None, "fp16": torch.float16}.get(train.amp, torch.bfloat16)
-    decisions = {use_cuda_graphs(plan.config, DistInfo(0, 0, n, device), amp)[1] for n in plan.world_sizes}
-    gpu_assumed = train.cuda_graphs != "off" and train.device != "cpu"
-    return f"cuda graphs: {' / '.join(sorted(decisions))}" + (", if the ranks have a GPU" if gpu_assumed else "")
-
-
-def check_data(plan: Plan) -> str:
-    """The data pre-flight of every split the run reads (pipelines.preflight.check_split), without its scan:
-    the listing (split and class folders against data.num_classes, or the shards and their indices) and each
-    split's manifest. A manifest that matches its split has its verdicts applied here, so a damaged file
-    stops the job once, before any worker starts. Without one the files are not read here: the ranks check
-    them at start, each its 1/world share, in a fraction of the time one process would take
-    (benchmarks/RESULTS.md, "Start-up data check")."""
-    data = plan.config.data
-    if data.loader == "synthetic":
-        return "data: synthetic batches (nothing to read)"
-    splits = ("val",) if plan.evaluate else ("train", "val")
-    checked = each_split(splits, lambda split: check_split(data, split, scan=False))
-    if not plan.evaluate:   # a batch larger than a rank's share of the train split: what the workers would find
-        for n in plan.world_sizes:
-            train_steps(checked[0].total, per_rank_batch(plan.config, n), n, str(checked[0].folder))
-    return (f"data: {data.root} ({data.layout}, {data.num_classes} classes, loader {data.loader}): "
-            + "; ".join(f"{c.name} {c.total:,} images, {c.how}" for c in checked))
-
-
-def check_checkpoint(plan: Plan) -> str:
-    ckpt = checkpoint_to_resume(plan)
-    if ckpt is None:
-        return f"checkpoint: none, starts from scratch ({plan.checkpoint})"
-    done = nothing_left(ckpt, plan.config, plan.checkpoint)
-    where = f"epoch {ckpt['epoch'] + 1} step {ckpt['step_in_epoch']}"
-    return f"checkpoint: {done}" if done and not plan.evaluate else f"checkpoint: {plan.checkpoint} ({where})"
-
-
-CHECKS: list[Callable[[Plan], str]] = [check_batch, check_cuda_graphs, check_data, check_checkpoint]
-
-
-def preflight(plan: Plan) -> list[str]:
-    """Run every check; one line per check, or the first user error."""
-    return [check(plan) for check in CHECKS]
+def saved_config(output_dir: str | Path, label: str) -> tuple[str, dict] | None:
+    """The config run ``label`` was saved with, and where it came from: its {label}.config.yaml, else the
+    config stored in its checkpoint; None for a label that has no files in ``output_dir``."""
+    folder = Path(output_dir)
+    config_path = folder / f"{label}{CONFIG_SUFFIX}"
+    if config_path.is_file():
+        raw = read_yaml(config_path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{config_path}: not a run's config (a mapping with run, data, model, ... "
+                              f"sections); remove it, or give --config")
+        return str(config_path), raw
+    ckpt_path = CheckpointSaver(folder, label).path
+    if ckpt_path.is_file() and isinstance(stored := load_checkpoint(ckpt_path).get("config"), dict):
+        return f"the config stored in {ckpt_path}", stored
+    return None
