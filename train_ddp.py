@@ -55,7 +55,7 @@ from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scale
 from fdmobilenet.preflight import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, preflight, restarts
 from fdmobilenet.runs import saved_config
 from fdmobilenet.state import RunState
-from pipelines.preflight import Classes, resolve_classes
+from pipelines.splits import Classes, resolve_classes
 
 PROG = "train_ddp.py"
 

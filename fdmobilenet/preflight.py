@@ -7,7 +7,7 @@ user's mistake exits 2 with one line (fdmobilenet.cli), so a job that cannot wor
 restarted by torchrun (--max-restarts restarts a worker whatever its exit code) or requeued by SLURM. It is
 cheap - no device, no loader, no image decoded: the config resolved, the global batch against the planned
 world size(s), ``train.cuda_graphs=on`` against them and the AMP / SGD settings, the data's splits listed
-and their manifests checked (pipelines.preflight), the checkpoint the run would resume from loaded and
+and their manifests checked (pipelines.splits), the checkpoint the run would resume from loaded and
 fitted to the model.
 
 The checks are the functions in CHECKS, run in order; each takes the Plan and returns a line for the report
@@ -31,7 +31,7 @@ from fdmobilenet.cuda_graph import use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.model import FDMobileNet
 from pipelines.base import train_steps
-from pipelines.preflight import check_split, each_split
+from pipelines.splits import check_split, each_split
 
 
 @dataclass
@@ -145,7 +145,7 @@ def check_cuda_graphs(plan: Plan) -> str:
 
 
 def check_data(plan: Plan) -> str:
-    """The data pre-flight of every split the run reads (pipelines.preflight.check_split), without its scan:
+    """The data pre-flight of every split the run reads (pipelines.splits.check_split), without its scan:
     the listing (split and class folders against data.num_classes, or the shards and their indices) and each
     split's manifest. A manifest that matches its split has its verdicts applied here, so a damaged file
     stops the job once, before any worker starts. Without one the files are not read here: the ranks check

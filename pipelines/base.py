@@ -38,14 +38,6 @@ class CorruptImageError(RuntimeError):
     """An image could not be decoded; the message names the file."""
 
 
-def corrupt_image(path: str, what: str, folder, fix: str = "") -> CorruptImageError:
-    """The error both file loaders raise for a file of split ``folder`` that does not decode; ``fix``: what to
-    do, when not the folder layout's (replace or delete the file, or skip such files)."""
-    fix = fix or (f"replace or delete it, or set data.on_corrupt=skip; `python -m pipelines.verify {folder}` "
-                  f"lists every bad file")
-    return CorruptImageError(f"cannot decode {path} ({what}) while reading {folder}; {fix}")
-
-
 class BatchLoader(abc.ABC):
     """One epoch of ``(images, labels)`` batches for this rank; see the module docstring.
 
@@ -54,7 +46,7 @@ class BatchLoader(abc.ABC):
     this rank's contiguous slice once (:func:`shard_bounds`), its last batch possibly smaller.
     """
 
-    split = None   # the checked split a file loader reads (pipelines.preflight.CheckedSplit); None: synthetic
+    split = None   # the checked split a file loader reads (pipelines.splits.CheckedSplit); None: synthetic
 
     def __init__(self, data: DataConfig, split: str, total: int, batch_size: int, rank: int, world_size: int,
                  device: torch.device, where: str):

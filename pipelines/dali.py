@@ -9,7 +9,7 @@ Val: decode -> resize shorter side to val_resize -> centre crop val_crop -> norm
 
 The reader is the only thing the layouts change: ``fn.readers.file`` over the ImageFolder listing or
 ``fn.readers.webdataset`` over ``{split}/*.tar`` shards with their DALI ``.idx`` files (pipelines.pack), both
-as the data pre-flight (pipelines.preflight) listed and checked them.
+as pipelines.splits listed and checked them.
 
 Sharding: shard_id = global rank, num_shards = world size, pad_last_batch=True, and the iterator is told
 the reader's name, so it knows the shard sizes and removes the padding duplicates. Train shuffles the whole
@@ -27,7 +27,7 @@ size a few times per run; what a rebuild costs: benchmarks/RESULTS.md, "Training
 
 Damaged images: the pre-flight refuses before the first batch what DALI would decode silently (a truncated
 JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content that is no image);
-any other decode failure stops the epoch with a CorruptImageError naming the file from DALI's message.
+any other decode failure stops the epoch with a DamagedFiles error naming the file from DALI's message.
 """
 from __future__ import annotations
 
@@ -41,9 +41,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fdmobilenet.config import DataConfig
-from pipelines.base import (BatchLoader, CorruptImageError, DataError, corrupt_image, image_dtype,
-                            nchw_channels_last)
-from pipelines.preflight import CheckedSplit
+from pipelines.base import BatchLoader, DataError, image_dtype, nchw_channels_last
+from pipelines.splits import CheckedSplit, DamagedFiles
 
 READER = "Reader"
 OUTPUTS = ["images", "labels"]
@@ -213,7 +212,7 @@ class DaliLoader(BatchLoader):
 
     @contextlib.contextmanager
     def _naming_bad_files(self):
-        """Turn DALI's decode failure into a CorruptImageError that names the file (DALI reports the path
+        """Turn DALI's decode failure into a DamagedFiles error that names the file (DALI reports the path
         it read the sample from); any DALI error leaves the pipeline unusable, so it is dropped."""
         try:
             yield
@@ -222,16 +221,16 @@ class DaliLoader(BatchLoader):
             folder = self.split.folder
             match = _DECODE_FAILURE.search(str(exc))
             if match is None and "decoders." in str(exc):
-                raise CorruptImageError(
-                    f"DALI's decoder failed on a file of {folder} without naming it; the start-up check "
-                    f"(JPEG headers and ends) found none damaged. `python -m pipelines.verify {folder}` decodes "
-                    f"every file and names it. DALI said: {exc}") from exc
+                raise DamagedFiles(f"DALI's decoder failed on a file of {folder} without naming it",
+                                   f"the start-up check (JPEG headers and ends) found none damaged. `python -m "
+                                   f"pipelines.verify {folder}` decodes every file and names it. DALI said: {exc}"
+                                   ) from exc
             if match is None:
                 raise
             fix = ("the key is the sample's position in the packed ImageFolder; check that folder with "
                    "`python -m pipelines.verify`, fix it and pack again"
                    if self.data.layout == "webdataset" else "")    # DALI names it TAR:OFFSET:KEY.jpg
-            raise corrupt_image(match.group(1).strip(), "truncated or corrupt image", folder, fix) from exc
+            raise DamagedFiles.undecodable(match.group(1).strip(), "truncated or corrupt image", folder, fix) from exc
 
     # --------------------------------------------------------------------------------------- iterating
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,7 @@ training needs, so that a decode-bound run decodes fewer pixels per image.
 SRC is a dataset root (SRC/train, SRC/val) or one split (SRC/<class>/<image>), as for pipelines.verify. DST
 gets the same layout: every file the loaders list (torchvision ImageFolder's listing) under the same relative
 path, so with the same label, and at the end each split's manifest (pipelines.manifest, the verdicts that
-``python -m pipelines.verify DST --manifest`` would write), so that the trainer's data pre-flight reads no image.
+``python -m pipelines.verify DST --manifest`` would write), so that the trainer's check at start reads no image.
 
 One image (:func:`shrink`; ``pipelines.imagenet --short-side`` and ``pipelines.pack --short-side`` run the same
 function on their way):
@@ -31,7 +31,7 @@ N >= 188 anyway.
 Every output is written to a hidden ``.NAME.partial`` beside it and renamed over NAME when complete, so a
 file under its final name is never half-written. A rerun (the same command) takes what is there: files
 listed ``ok`` by a manifest that still matches them are kept without reading them, any other existing output
-is decoded fully (pipelines.verify.check_file) and redone unless it passes, missing files are made. DST
+is decoded fully (pipelines.integrity.check_file) and redone unless it passes, missing files are made. DST
 records N and Q in ``DST/.resize.json``; a rerun with other values, or a DST this tool did not write, is
 refused.
 
@@ -58,9 +58,10 @@ from PIL import ExifTags, Image
 from fdmobilenet.cli import EXIT_USAGE, UsageError
 from pipelines import manifest
 from pipelines.imagefolder import list_samples
+from pipelines.integrity import check_file, check_image, write_manifest
 from pipelines.progress import Progress
+from pipelines.splits import split_folders
 from pipelines.torchvision_loader import upright_rgb
-from pipelines.verify import check_file, check_image, split_folders, write_manifest
 
 PARAMS = ".resize.json"      # in DST: the settings it was made with; marks DST as this tool's
 FORMAT = 1                   # of shrink's output: raise it when the same input would give other bytes
@@ -106,8 +107,8 @@ def shrink(data: bytes, short_side: int, quality: int = 90) -> tuple[bytes, str]
 
 
 def broken_reason(path: str, error: BaseException) -> str:
-    """Why ``path`` cannot be stored: pipelines.verify's wording for it when its check finds the fault, else
-    the error itself."""
+    """Why ``path`` cannot be stored: the full decode's wording (pipelines.integrity.check_image) when it finds
+    the fault, else the error itself."""
     problem = check_image(path)
     return problem.reason if problem is not None else f"{type(error).__name__}: {error}"
 

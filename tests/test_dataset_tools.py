@@ -14,10 +14,11 @@ from PIL import Image
 
 from pipelines.demo_data import build_digits
 from pipelines.imagefolder import MARKER, build_once, list_samples
+from pipelines.integrity import CHECK_VERSION
+from pipelines.manifest import NAME
 from pipelines.pack import pack
 from pipelines.photo_set import build_photo_set
-from pipelines.manifest import NAME
-from pipelines.verify import CHECK_VERSION, find_bad_files, main as verify_main
+from pipelines.verify import find_bad_files, main as verify_main
 
 
 @pytest.fixture(scope="module")
