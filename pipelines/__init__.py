@@ -1,18 +1,30 @@
 """Data loaders behind one batch interface (see pipelines.base.BatchLoader); ``build_loader`` picks one.
 
-The loader modules are imported where they are used, not here: ``python -m pipelines.verify`` (and the other
-tools) import this package first, and a package that had imported the tool's module already would make
-runpy warn that it is found in sys.modules."""
+The loader modules are imported where they are used, not here: ``python -m pipelines.<tool>`` imports this
+package first, which should neither load torch for a tool that does not use it nor hold the tool's module
+already (runpy would warn that it is found in sys.modules)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, CorruptImageError, DataError, check_split_name
 from pipelines.defaults import resolve_loader_defaults
+
+if TYPE_CHECKING:
+    import torch
+
+    from fdmobilenet.config import DataConfig
+    from pipelines.base import BatchLoader
 
 __all__ = ["build_loader", "build_loaders", "resolve_loader_defaults", "BatchLoader", "DataError",
            "CorruptImageError"]
+
+
+def __getattr__(name: str):
+    """``pipelines.BatchLoader``, ``DataError``, ``CorruptImageError``: pipelines.base's, loaded on first use."""
+    if name in ("BatchLoader", "DataError", "CorruptImageError"):
+        from pipelines import base
+        return getattr(base, name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
 
 
 def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -28,12 +40,13 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
     file itself. ``data.num_classes: auto`` is the number of classes of ``split`` here
     (pipelines.splits.resolve_classes); the trainer resolves it once, from the train split.
     """
+    from pipelines.base import DataError, check_split_name
+    from pipelines.splits import check_split, resolve_classes
     check_split_name(split)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive per-rank batch size, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    from pipelines.splits import check_split, resolve_classes
     data, _ = resolve_loader_defaults(data, device)   # the 'auto' loader knobs, for this rank's GPU and CPUs
     if data.num_classes == "auto":
         data, _ = resolve_classes(data, split)

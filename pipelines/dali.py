@@ -18,12 +18,10 @@ seed is shared, each rank reading its own slice, so ranks stay disjoint); val re
 (``stick_to_shard``) so every image is counted exactly once across ranks.
 
 A change of training resolution rebuilds the train pipeline at the new size from a DALI checkpoint of the
-old one, taken at the batches handed out so far: the reader position and the random generators carry over,
-so the batches are the old pipeline's at the new size - the path a resume takes, which makes a run resumed
-across a change exact. The alternative, the size as an argument input fed to one pipeline from an external
-source, would have to be fed ahead of DALI's prefetch queue (batches already prefetched at the epoch boundary
-come out at the old size otherwise) and would add a second state to checkpoint beside DALI's. A ramp changes
-size a few times per run; what a rebuild costs: benchmarks/RESULTS.md, "Training-resolution schedule".
+old one, taken at the batches handed out so far: the reader position and the random generators carry over -
+the path a resume takes, so a run resumed across a change is exact. (The size fed as an argument input would
+have to run ahead of DALI's prefetch queue and be a second state to checkpoint.) What a rebuild costs:
+benchmarks/RESULTS.md, "Training-resolution schedule".
 
 Damaged images: the pre-flight refuses before the first batch what DALI would decode silently (a truncated
 JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content that is no image);

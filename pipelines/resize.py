@@ -20,13 +20,9 @@ function on their way):
   size, so that every output is a baseline RGB JPEG that DALI (its hardware decoder included) and PIL decode
   the same way.
 
-The filter is PIL's LANCZOS (a 3-lobe windowed sinc whose support PIL widens with the reduction, so it is a
-proper low-pass: little aliasing and less blur than area averaging or bicubic at the 1.2-3x reductions that
-ImageNet-sized photos need), with ``reducing_gap=3``: above 6x, PIL first averages whole pixel blocks
-(Image.reduce) and leaves LANCZOS at least a 3x reduction, which its documentation calls indistinguishable from
-the direct resample; a 4,000 px photo then costs little more than a 500 px one. JPEG DCT scaling (PIL's draft
-mode) is not used: its result depends on the decoder, and ImageNet's typical 500x375 photos cannot use it at
-N >= 188 anyway.
+The filter is PIL's LANCZOS, a proper low-pass at the 1.2-3x reductions ImageNet's photos need, with
+``reducing_gap=3`` (above 6x PIL first averages pixel blocks, so a 4,000 px photo costs little more than a 500 px
+one). JPEG DCT scaling (PIL's draft mode) is not used: its result depends on the decoder.
 
 Every output is written to a hidden ``.NAME.partial`` beside it and renamed over NAME when complete, so a
 file under its final name is never half-written. A rerun (the same command) takes what is there: files
