@@ -77,7 +77,7 @@ def timed_rounds(cfg: DataConfig, batch: int, steps: int, warmup: int, device: t
         with JpegEngineSampler((device.index or 0) if jpeg_samples is not None else None) as use:
             seconds = timed(lambda: pull(stream, steps), device)
         if jpeg_samples is not None:
-            jpeg_samples += use.samples
+            jpeg_samples.extend(use.samples)
         return steps * batch / seconds
     return one_round, len(loader)
 

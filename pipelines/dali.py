@@ -23,9 +23,9 @@ the path a resume takes, so a run resumed across a change is exact. (The size fe
 have to run ahead of DALI's prefetch queue and be a second state to checkpoint.) What a rebuild costs:
 benchmarks/RESULTS.md, "Training-resolution schedule".
 
-Damaged images: the pre-flight refuses before the first batch what DALI would decode silently (a truncated
-JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content that is no image);
-any other decode failure stops the epoch with a DamagedFiles error naming the file from DALI's message.
+Damaged images: the check at start (pipelines.splits) refuses before the first batch what DALI would decode
+silently (a truncated JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content
+that is no image); any other decode failure stops the epoch with a DamagedFiles error naming the file from DALI's message.
 """
 from __future__ import annotations
 

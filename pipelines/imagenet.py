@@ -67,7 +67,7 @@ from typing import Callable, Optional
 from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
 from pipelines.progress import Progress
-from pipelines.resize import Resizer, ResizeError, Summary
+from pipelines.resize import Resizer, ResizeError, Summary, write_atomically
 
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000}
 OFFICIAL_CLASSES = 1000
@@ -141,9 +141,7 @@ def read_state(out: Path) -> dict:
 
 
 def write_state(out: Path, state: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out / STATE)
+    write_atomically(out / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
 
 def size(n: float) -> str:

@@ -58,6 +58,11 @@ class Manifest:
         return [(fields[0], fields[5]) for fields in (line.split("\t") for line in self.lines if "\terror\t" in line)
                 if fields[4] == "error"]
 
+    def ok(self) -> dict[str, tuple[int, int]]:
+        """relative path -> (size, mtime_ns) of every file whose verdict is 'ok'."""
+        rows = (line.split("\t") for line in self.lines)
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows if len(r) >= 5 and r[4] == "ok"}
+
     def mismatch(self, folder: str, samples: list[tuple[str, int]], stats: list[os.stat_result | None],
                  begin: int) -> str | None:
         """None when ``samples[begin:begin + len(stats)]`` (with their ``stats``; None: the file cannot be

@@ -259,9 +259,7 @@ def claim(dst: Path, params: dict) -> None:
         raise ResizeError(f"{dst} already holds files that this tool did not write (no {PARAMS}); choose a new "
                           f"or empty DST")
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(PARAMS + ".tmp")
-    tmp.write_text(json.dumps(params, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(params, sort_keys=True) + "\n").encode())
 
 
 def settings(params: Optional[dict]) -> str:
@@ -276,10 +274,7 @@ def trusted(split_dst: Path) -> dict[str, tuple[int, int]]:
         found = manifest.read(split_dst)
     except ValueError:        # not a complete manifest: trust nothing from it
         return {}
-    if found is None:
-        return {}
-    rows = (line.split("\t") for line in found.lines)
-    return {r[0]: (int(r[1]), int(r[2])) for r in rows if len(r) >= 5 and r[4] == "ok"}
+    return found.ok() if found is not None else {}
 
 
 def plan_split(split_src: Path, split_dst: Path) -> tuple[list[Task], list[Done]]:
