@@ -18,8 +18,8 @@ extension is not an image extension, and files lying directly in a split (not in
 size, mtime, label and verdict, with pipelines.integrity.CHECK_VERSION) from the same pass; a loader that finds
 it matching its split uses these verdicts instead of checking the files at every start (pipelines.splits).
 
-``find_bad_files(root)`` is the library entry point. Files are decoded in threads (PIL releases the GIL;
-threads beat fork processes: benchmarks/RESULTS.md, "Start-up data check").
+``check_tree(root)`` is the library entry point. Files are decoded in threads (PIL releases the GIL; threads
+beat fork processes: benchmarks/RESULTS.md, "Start-up data check").
 """
 from __future__ import annotations
 
@@ -74,11 +74,6 @@ def check_tree(root: str | Path, workers: int | None = None,
         checked = dict(zip(images, results))
         written = [m for m in (write_manifest(split, checked) for split in split_folders(Path(root))) if m]
     return len(images), sorted(problems, key=lambda p: p.path), written
-
-
-def find_bad_files(root: str | Path, workers: int | None = None) -> list[Problem]:
-    """Every problem under ``root`` (errors and warnings), sorted by path."""
-    return check_tree(root, workers)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
