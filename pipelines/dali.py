@@ -25,7 +25,8 @@ benchmarks/RESULTS.md, "Training-resolution schedule".
 
 Damaged images: the check at start (pipelines.splits) refuses before the first batch what DALI would decode
 silently (a truncated JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content
-that is no image); any other decode failure stops the epoch with a DamagedFiles error naming the file from DALI's message.
+that is no image); any other decode failure stops the epoch with a DamagedFiles error naming the file from
+DALI's message.
 """
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ from pipelines.base import CorruptImageError, DataError, split_dir
 from pipelines.imagefolder import list_samples
 
 T = TypeVar("T")
+# ILSVRC-2012's official sizes: what pipelines.imagenet checks a built tree against, and synthetic data's
+IMAGENET_IMAGES = {"train": 1_281_167, "val": 50_000}
+IMAGENET_CLASSES = 1000
 
 
 @dataclass
@@ -166,7 +169,7 @@ def resolve_classes(data: DataConfig, split: str = "train") -> tuple[DataConfig,
     if names is None and data.loader != "synthetic":
         raise DataError(f"data.num_classes=auto counts the classes in {where}, which does not exist; set "
                         f"data.num_classes to the number of classes of the shards")
-    count = len(names) if names is not None else 1000
+    count = len(names) if names is not None else IMAGENET_CLASSES
     return dataclasses.replace(data, num_classes=count), Classes(count, names, where)
 
 
