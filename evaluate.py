@@ -37,7 +37,7 @@ from fdmobilenet.engine import evaluate, prepare_model, resolve_amp, set_cpu_thr
 from fdmobilenet.logs import format_metrics
 from fdmobilenet.model import FDMobileNet
 from pipelines.base import split_dir
-from pipelines.preflight import check_split_folder
+from pipelines.splits import check_split_folder
 
 PROG = "evaluate.py"
 FOLDER_NAMES_HINT = ("to score a folder of only some of the model's classes, name its class folders by the "

@@ -19,7 +19,7 @@ from fdmobilenet.cuda_graph import use_cuda_graphs
 from fdmobilenet.distributed import DistInfo
 from fdmobilenet.resume import Plan, checkpoint_to_resume, nothing_left, per_rank_batch
 from pipelines.base import train_steps
-from pipelines.preflight import check_split, each_split
+from pipelines.splits import check_split, each_split
 
 
 def check_batch(plan: Plan) -> str:
@@ -40,7 +40,7 @@ def check_cuda_graphs(plan: Plan) -> str:
 
 
 def check_data(plan: Plan) -> str:
-    """Every split the run reads, listed and its manifest applied (pipelines.preflight.check_split without its
+    """Every split the run reads, listed and its manifest applied (pipelines.splits.check_split without its
     scan): a damaged file stops the job here, once. Without a manifest the ranks read the files at start,
     each its share, faster than one process would (benchmarks/RESULTS.md, "Start-up data check")."""
     data = plan.config.data

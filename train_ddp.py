@@ -39,7 +39,7 @@ from fdmobilenet.loop import Loop, RunState
 from fdmobilenet.model import FDMobileNet
 from fdmobilenet.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from fdmobilenet.resume import Plan, checkpoint_to_resume, nothing_left, per_rank_batch, restarts, saved_config
-from pipelines.preflight import Classes, resolve_classes
+from pipelines.splits import Classes, resolve_classes
 
 PROG = "train_ddp.py"
 

@@ -39,7 +39,7 @@ TT_COLUMNS = (("width", "width"), ("batch", "batch/rank"), ("variant", "variant"
 PYTEST_RESULT = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", re.M)
 PYTEST_FAILURE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+::\S+) - (.*)$", re.M)   # -ra's short summary
 PYTEST_SUMMARY = re.compile(r"^=+ (.*\d+ (?:passed|failed|skipped|deselected|error).*) in [\d.]+s.* =+$", re.M)
-PREFLIGHT_SCAN = re.compile(r"^pipelines\.preflight: (\S+): ([\d,]+) files (?:checked|decoded)", re.M)
+STARTUP_SCAN = re.compile(r"^pipelines\.splits: (\S+): ([\d,]+) files (?:checked|decoded)", re.M)
 RECOMPILE_LIMIT_HIT = re.compile(r"torch\._dynamo hit config\.(\w+) \((\d+)\)")
 
 
@@ -89,7 +89,7 @@ def dataset(work: Path, steps: dict, selected: list[str], data: Path, mode: str)
         ds["images_per_s_built"] = round(n / max(ds["seconds"], 1), 0)
     ds["scans_after_dataset"] = [{"step": name, "folder": folder, "files": int(files.replace(",", ""))}
                                  for name in steps if name != "dataset"
-                                 for folder, files in PREFLIGHT_SCAN.findall(read_text(work / f"{name}.log"))]
+                                 for folder, files in STARTUP_SCAN.findall(read_text(work / f"{name}.log"))]
     ds["why"] = ("a set of >= 20k photo JPEGs (500x375, q90) re-read from the page cache: it measures decode "
                  "and augmentation (what bounds a GPU node), not disk reads" if mode == "gpu"
                  else "toy size (CPU smoke run)")

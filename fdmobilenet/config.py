@@ -93,7 +93,7 @@ class DataConfig:
     layout: Literal["folder", "webdataset"] = "folder"   # ImageFolder JPEG tree | tar shards + index
     train_split: str = "train"
     val_split: str = "val"
-    # auto: the number of class folders of the train split (ImageNet's tree: 1000), pipelines.preflight
+    # auto: the number of class folders of the train split (ImageNet's tree: 1000), pipelines.splits
     num_classes: int | Literal["auto"] = "auto"
     loader: Literal["dali", "torchvision", "synthetic"] = "dali"
     # training augmentation

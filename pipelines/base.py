@@ -11,7 +11,7 @@ in progress. ``set_epoch`` is where a loader follows a change of training resolu
 
 **The epoch's order** (what ``set_epoch`` guarantees): a loader *without* reader state (torchvision, synthetic)
 gives for ``set_epoch(e)`` an order that is a function of (data.seed, e) alone - the same in a restarted
-process - so a resumed run replays epoch e and drops the batches already trained (fdmobilenet.loop.epoch_batches). A
+process - so a resumed run replays epoch e and drops the batches already trained (engine.epoch_batches). A
 loader *with* reader state (DALI's train loader) continues from its ``state_dict`` instead, whatever epoch it
 is told; it reshuffles by itself at the end of each of its own epochs, and ``set_epoch`` before its first
 batch picks its shuffle seed (data.seed + e), so that a run resumed without reader state does not replay
@@ -27,16 +27,8 @@ from typing import Iterator
 
 import torch
 
-from fdmobilenet.cli import CorruptImageError, DataError
+from fdmobilenet.cli import DataError
 from fdmobilenet.config import DataConfig
-
-
-def corrupt_image(path: str, what: str, folder, fix: str = "") -> CorruptImageError:
-    """The error both file loaders raise for a file of split ``folder`` that does not decode; ``fix``: what to
-    do, when not the folder layout's (replace or delete the file, or skip such files)."""
-    fix = fix or (f"replace or delete it, or set data.on_corrupt=skip; `python -m pipelines.verify {folder}` "
-                  f"lists every bad file")
-    return CorruptImageError(f"cannot decode {path} ({what}) while reading {folder}; {fix}")
 
 
 class BatchLoader(abc.ABC):
@@ -47,7 +39,7 @@ class BatchLoader(abc.ABC):
     this rank's contiguous slice once (:func:`shard_bounds`), its last batch possibly smaller.
     """
 
-    split = None   # the checked split a file loader reads (pipelines.preflight.CheckedSplit); None: synthetic
+    split = None   # the checked split a file loader reads (pipelines.splits.CheckedSplit); None: synthetic
 
     def __init__(self, data: DataConfig, split: str, total: int, batch_size: int, rank: int, world_size: int,
                  device: torch.device, where: str):

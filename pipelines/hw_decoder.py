@@ -16,10 +16,10 @@ rate, and nothing fails. Two checks make it visible:
 
 Neither calls torch (nor creates more than nvJPEG's own CUDA context). Where there is no NVIDIA driver
 (libcuda.so.1 does not load) or no device, each says so in one line instead of failing.
-``python pipelines/hw_decoder.py [--json FILE]`` (or ``-m pipelines.hw_decoder``, which also imports torch
-with the package) prints the probe as one row; its exit status is 1 when the
-GPU is one that carries the decoder (pipelines.defaults.has_hw_jpeg_decoder, what ``hw_decoder_load: auto``
-goes by) and nvJPEG cannot use it, 0 otherwise.
+``python -m pipelines.hw_decoder [--json FILE]`` (or ``python pipelines/hw_decoder.py``) prints the probe as
+one row; its exit status is 1 when the GPU is one that carries the decoder
+(pipelines.defaults.has_hw_jpeg_decoder, what ``hw_decoder_load: auto`` goes by) and nvJPEG cannot use it, 0
+otherwise.
 """
 from __future__ import annotations
 

@@ -67,10 +67,9 @@ from typing import Callable, Optional
 from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
 from pipelines.progress import Progress
-from pipelines.resize import Resizer, ResizeError, Summary
+from pipelines.resize import Resizer, ResizeError, Summary, write_atomically
+from pipelines.splits import IMAGENET_CLASSES, IMAGENET_IMAGES
 
-OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000}
-OFFICIAL_CLASSES = 1000
 STATE = ".imagenet.json"     # verified archives; its presence marks OUT as written by this tool
 STAGING = ".partial"         # steps in progress; a rerun deletes what is left there and redoes it
 
@@ -141,9 +140,7 @@ def read_state(out: Path) -> dict:
 
 
 def write_state(out: Path, state: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out / STATE)
+    write_atomically(out / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
 
 def size(n: float) -> str:
@@ -330,7 +327,7 @@ def extract_train(archive: Path, out: Path, wnids: set[str], shrinking: Optional
 def count_tree(out: Path) -> dict[str, tuple[list[str], int]]:
     """{split: (classes, images)} as torchvision's ImageFolder lists them."""
     counts = {}
-    for split in OFFICIAL_COUNTS:
+    for split in IMAGENET_IMAGES:
         classes, samples = list_samples(out / split)
         counts[split] = (classes, len(samples))
     return counts
@@ -343,10 +340,10 @@ def report_counts(counts: dict[str, tuple[list[str], int]]) -> str:
         raise ImageNetError(f"train has {len(train_classes)} classes, val {len(val_classes)}: they differ, so "
                             f"the class indices would not match")
     line = ", ".join(f"{split} {n:,} images" for split, (_, n) in counts.items()) + f", {len(train_classes):,} classes"
-    differs = [f"{split} {n:,} images (official {OFFICIAL_COUNTS[split]:,})"
-               for split, (_, n) in counts.items() if n != OFFICIAL_COUNTS[split]]
-    if len(train_classes) != OFFICIAL_CLASSES:
-        differs.append(f"{len(train_classes):,} classes (official {OFFICIAL_CLASSES:,})")
+    differs = [f"{split} {n:,} images (official {IMAGENET_IMAGES[split]:,})"
+               for split, (_, n) in counts.items() if n != IMAGENET_IMAGES[split]]
+    if len(train_classes) != IMAGENET_CLASSES:
+        differs.append(f"{len(train_classes):,} classes (official {IMAGENET_CLASSES:,})")
     if differs:
         return f"counts: {line}; differs from the official ILSVRC2012 counts: {'; '.join(differs)}"
     return f"counts: {line}: the official ILSVRC2012 counts"
@@ -387,7 +384,7 @@ def build(archives: Path, out: Path, shrinking: Optional[Shrinking] = None) -> s
     stored = stored_as(shrinking.resizer.short_side if shrinking else None,
                        shrinking.resizer.quality if shrinking else 0)
     before = state.get("stored", stored_as(None, 0))
-    if before != stored and any((out / split).exists() for split in OFFICIAL_COUNTS):
+    if before != stored and any((out / split).exists() for split in IMAGENET_IMAGES):
         raise ImageNetError(f"{out} holds images stored {describe_stored(before)}, and this command asks for "
                             f"them {describe_stored(stored)}: give the same settings to continue, or another --out")
     state["stored"] = stored

@@ -1,14 +1,14 @@
 """A split's manifest: every file its loader lists, with size, mtime, label and the verdict of a full decode.
 
-Written once per split by ``python -m pipelines.verify ROOT --manifest``; the data pre-flight
-(pipelines.preflight) then uses its verdicts instead of reading every file at every start.
+Written once per split by ``python -m pipelines.verify ROOT --manifest``; the check at start
+(pipelines.splits, pipelines.integrity) then uses its verdicts instead of reading every file at every start.
 
     {split}/.manifest.tsv
     line 1    a JSON header: {"manifest": FORMAT, "check_version": N, "files": count}
     then      one line per file, in the loader's listing order (torchvision ImageFolder's):
               relative path TAB size TAB mtime (ns) TAB label TAB verdict (ok | warning | error) TAB reason
 
-``check_version`` is pipelines.verify.CHECK_VERSION of the check that wrote the verdicts. A manifest counts only
+``check_version`` is pipelines.integrity.CHECK_VERSION of the check that wrote the verdicts. A manifest counts only
 while it matches its split: the same files in the same order with the same labels, sizes and mtimes (a file
 replaced or rewritten since has another mtime). Plain text, so ``grep -P '\\terror\\t' .manifest.tsv`` lists
 the damaged files. The dot keeps it out of the loaders' listings (torchvision lists class folders only).
@@ -57,6 +57,11 @@ class Manifest:
         """(relative path, reason) of every file whose verdict is 'error'."""
         return [(fields[0], fields[5]) for fields in (line.split("\t") for line in self.lines if "\terror\t" in line)
                 if fields[4] == "error"]
+
+    def ok(self) -> dict[str, tuple[int, int]]:
+        """relative path -> (size, mtime_ns) of every file whose verdict is 'ok'."""
+        rows = (line.split("\t") for line in self.lines)
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows if len(r) >= 5 and r[4] == "ok"}
 
     def mismatch(self, folder: str, samples: list[tuple[str, int]], stats: list[os.stat_result | None],
                  begin: int) -> str | None:

@@ -40,8 +40,8 @@ from pathlib import Path
 
 from fdmobilenet import cli
 from pipelines.imagefolder import list_samples
+from pipelines.integrity import JPEG_SOI
 from pipelines.resize import DECODE_ERRORS, broken_reason, check_settings, shrink
-from pipelines.verify import JPEG_SOI
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:

@@ -6,7 +6,7 @@ training needs, so that a decode-bound run decodes fewer pixels per image.
 SRC is a dataset root (SRC/train, SRC/val) or one split (SRC/<class>/<image>), as for pipelines.verify. DST
 gets the same layout: every file the loaders list (torchvision ImageFolder's listing) under the same relative
 path, so with the same label, and at the end each split's manifest (pipelines.manifest, the verdicts that
-``python -m pipelines.verify DST --manifest`` would write), so that the trainer's data pre-flight reads no image.
+``python -m pipelines.verify DST --manifest`` would write), so that the trainer's check at start reads no image.
 
 One image (:func:`shrink`; ``pipelines.imagenet --short-side`` and ``pipelines.pack --short-side`` run the same
 function on their way):
@@ -20,18 +20,14 @@ function on their way):
   size, so that every output is a baseline RGB JPEG that DALI (its hardware decoder included) and PIL decode
   the same way.
 
-The filter is PIL's LANCZOS (a 3-lobe windowed sinc whose support PIL widens with the reduction, so it is a
-proper low-pass: little aliasing and less blur than area averaging or bicubic at the 1.2-3x reductions that
-ImageNet-sized photos need), with ``reducing_gap=3``: above 6x, PIL first averages whole pixel blocks
-(Image.reduce) and leaves LANCZOS at least a 3x reduction, which its documentation calls indistinguishable from
-the direct resample; a 4,000 px photo then costs little more than a 500 px one. JPEG DCT scaling (PIL's draft
-mode) is not used: its result depends on the decoder, and ImageNet's typical 500x375 photos cannot use it at
-N >= 188 anyway.
+The filter is PIL's LANCZOS, a proper low-pass at the 1.2-3x reductions ImageNet's photos need, with
+``reducing_gap=3`` (above 6x PIL first averages pixel blocks, so a 4,000 px photo costs little more than a 500 px
+one). JPEG DCT scaling (PIL's draft mode) is not used: its result depends on the decoder.
 
 Every output is written to a hidden ``.NAME.partial`` beside it and renamed over NAME when complete, so a
 file under its final name is never half-written. A rerun (the same command) takes what is there: files
 listed ``ok`` by a manifest that still matches them are kept without reading them, any other existing output
-is decoded fully (pipelines.verify.check_file) and redone unless it passes, missing files are made. DST
+is decoded fully (pipelines.integrity.check_file) and redone unless it passes, missing files are made. DST
 records N and Q in ``DST/.resize.json``; a rerun with other values, or a DST this tool did not write, is
 refused.
 
@@ -58,9 +54,10 @@ from PIL import ExifTags, Image
 from fdmobilenet.cli import EXIT_USAGE, UsageError
 from pipelines import manifest
 from pipelines.imagefolder import list_samples
+from pipelines.integrity import check_file, check_image, write_manifest
 from pipelines.progress import Progress
+from pipelines.splits import split_folders
 from pipelines.torchvision_loader import upright_rgb
-from pipelines.verify import check_file, check_image, split_folders, write_manifest
 
 PARAMS = ".resize.json"      # in DST: the settings it was made with; marks DST as this tool's
 FORMAT = 1                   # of shrink's output: raise it when the same input would give other bytes
@@ -106,8 +103,8 @@ def shrink(data: bytes, short_side: int, quality: int = 90) -> tuple[bytes, str]
 
 
 def broken_reason(path: str, error: BaseException) -> str:
-    """Why ``path`` cannot be stored: pipelines.verify's wording for it when its check finds the fault, else
-    the error itself."""
+    """Why ``path`` cannot be stored: the full decode's wording (pipelines.integrity.check_image) when it finds
+    the fault, else the error itself."""
     problem = check_image(path)
     return problem.reason if problem is not None else f"{type(error).__name__}: {error}"
 
@@ -262,9 +259,7 @@ def claim(dst: Path, params: dict) -> None:
         raise ResizeError(f"{dst} already holds files that this tool did not write (no {PARAMS}); choose a new "
                           f"or empty DST")
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(PARAMS + ".tmp")
-    tmp.write_text(json.dumps(params, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (json.dumps(params, sort_keys=True) + "\n").encode())
 
 
 def settings(params: Optional[dict]) -> str:
@@ -279,10 +274,7 @@ def trusted(split_dst: Path) -> dict[str, tuple[int, int]]:
         found = manifest.read(split_dst)
     except ValueError:        # not a complete manifest: trust nothing from it
         return {}
-    if found is None:
-        return {}
-    rows = (line.split("\t") for line in found.lines)
-    return {r[0]: (int(r[1]), int(r[2])) for r in rows if len(r) >= 5 and r[4] == "ok"}
+    return found.ok() if found is not None else {}
 
 
 def plan_split(split_src: Path, split_dst: Path) -> tuple[list[Task], list[Done]]:

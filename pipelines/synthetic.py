@@ -12,13 +12,13 @@ import torch
 
 from fdmobilenet.config import DataConfig
 from pipelines.base import BatchLoader, image_dtype
-from pipelines.imagenet import OFFICIAL_COUNTS   # what the synthetic loader pretends to be: ILSVRC-2012's sizes
+from pipelines.splits import IMAGENET_IMAGES
 
 
 class SyntheticLoader(BatchLoader):
     def __init__(self, data: DataConfig, split: str, batch_size: int, *, rank: int, world_size: int,
                  device: torch.device):
-        total = OFFICIAL_COUNTS[split]
+        total = IMAGENET_IMAGES[split]
         super().__init__(data, split, total, batch_size, rank, world_size, device,
                          where=f"synthetic {split} ({total} images)")
         self._data, self._rank = data, rank

@@ -5,7 +5,7 @@ the conversion to float, the mean/std normalisation, the dtype and channels_last
 (non-blocking, pinned) transfer to the device, on the GPU when there is one.
 
 Images are turned upright by their EXIF orientation (:func:`open_rgb`), as DALI's decoders do, and a file
-that does not decode is a CorruptImageError naming it and the fix, as in the DALI loader.
+that does not decode is a DamagedFiles error naming it and the fix, as in the DALI loader.
 
 The training resolution may change between epochs (data.train_res). The workers are persistent, each with
 its own copy of the dataset made when it started, so the size cannot be set on the dataset: the train
@@ -26,8 +26,8 @@ from torchvision.datasets import ImageFolder
 
 from fdmobilenet.cli import CorruptImageError
 from fdmobilenet.config import DataConfig
-from pipelines.base import BatchLoader, corrupt_image, image_dtype
-from pipelines.preflight import CheckedSplit
+from pipelines.base import BatchLoader, image_dtype
+from pipelines.splits import CheckedSplit, DamagedFiles
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
@@ -50,7 +50,7 @@ def load_image(path: str, folder: str) -> Image.Image:
         return open_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
         what = "empty file, 0 bytes" if os.path.getsize(path) == 0 else f"truncated or corrupt image: {e}"
-        raise corrupt_image(path, what, folder) from e
+        raise DamagedFiles.undecodable(path, what, folder) from e
 
 
 def train_transform(data: DataConfig, size: int) -> T.Compose:
@@ -71,9 +71,9 @@ def val_transform(data: DataConfig) -> T.Compose:
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision's ImageFolder over the listing that the data pre-flight checked (pipelines.preflight: clear
-    errors for missing or empty folders, damaged files refused or, with ``on_corrupt: skip``, dropped) - the
-    same files, order and labels as the DALI reader."""
+    """torchvision's ImageFolder over the listing that pipelines.splits checked (clear errors for missing or
+    empty folders, damaged files refused or, with ``on_corrupt: skip``, dropped) - the same files, order and
+    labels as the DALI reader."""
 
     def __init__(self, split: CheckedSplit, transform):
         self._checked = split.samples
@@ -168,4 +168,4 @@ class TorchvisionLoader(BatchLoader):
         except CorruptImageError as e:
             # From a worker process the DataLoader re-raises it with the worker's traceback in the message;
             # the message itself is its last line.
-            raise CorruptImageError(str(e).rsplit("CorruptImageError: ", 1)[-1].strip()) from None
+            raise DamagedFiles(str(e).rsplit(f"{type(e).__name__}: ", 1)[-1].strip()) from None

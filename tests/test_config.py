@@ -169,7 +169,7 @@ def test_the_papers_experiments_have_imagenets_1000_classes_on_its_tree(tmp_path
     """data.num_classes auto counts the train split's class folders: ImageNet's tree (1,000 WordNet-id
     folders) gives the paper's 1000, through an experiment file and through the authors' four flags alike, and
     the header says where the number came from."""
-    from pipelines.preflight import resolve_classes
+    from pipelines.splits import resolve_classes
     for k in range(1000):
         (tmp_path / "train" / f"n{k:08d}").mkdir(parents=True)
     for width in ("1x", "0.5x", "0.25x"):

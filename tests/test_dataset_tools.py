@@ -14,10 +14,11 @@ from PIL import Image
 
 from pipelines.demo_data import build_digits
 from pipelines.imagefolder import MARKER, build_once, list_samples
+from pipelines.integrity import CHECK_VERSION
+from pipelines.manifest import NAME
 from pipelines.pack import pack
 from pipelines.photo_set import build_photo_set
-from pipelines.manifest import NAME
-from pipelines.verify import CHECK_VERSION, find_bad_files, main as verify_main
+from pipelines.verify import check_tree, main as verify_main
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_verify_lists_each_planted_problem(digits, tmp_path, capsys):
     Image.open(good[1]).save(split / "4" / "png_named.jpg", format="PNG")
     (split / "empty_class").mkdir()
 
-    found = {(Path(p.path).relative_to(split).as_posix(), p.severity): p.reason for p in find_bad_files(split)}
+    found = {(Path(p.path).relative_to(split).as_posix(), p.severity): p.reason for p in check_tree(split)[1]}
     assert set(found) == {("3/truncated.jpg", "error"), ("3/zero.jpg", "error"), ("3/text.jpg", "error"),
                           ("empty_class", "error"),
                           ("4/png_named.jpg", "warning"),    # DALI/PIL decode it; it is just not a JPEG

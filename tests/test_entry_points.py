@@ -23,6 +23,29 @@ def test_verify_starts_without_a_warning():
     assert p.stdout.startswith("usage: python -m pipelines.verify")
 
 
+def test_light_data_modules_load_no_torch():
+    """The package and the modules that do not use torch import without it: `python -m pipelines.hw_decoder`
+    probes the JPEG decoder before anything loads torch, and a tool's start does not pay for it."""
+    light = ["pipelines", "pipelines.defaults", "pipelines.hw_decoder", "pipelines.manifest", "pipelines.progress"]
+    p = subprocess.run([sys.executable, "-c", f"import sys; import {', '.join(light)}; "
+                        f"print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout.strip()) == (0, "[]"), p.stderr
+
+
+def test_loaders_import_no_command_module():
+    """What training imports of the data package holds no command (`python -m pipelines.<tool>`): a command's
+    module is the command's, and importing it first makes runpy warn when the command runs."""
+    training = ["pipelines", "pipelines.splits", "pipelines.integrity", "pipelines.synthetic",
+                "pipelines.torchvision_loader", "pipelines.dali"]
+    commands = ["pipelines.verify", "pipelines.pack", "pipelines.resize", "pipelines.imagenet",
+                "pipelines.demo_data", "pipelines.photo_set", "pipelines.hw_decoder"]
+    p = subprocess.run([sys.executable, "-c", f"import sys; import {', '.join(training)}; "
+                        f"print(sorted(m for m in {commands!r} if m in sys.modules))"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout.strip()) == (0, "[]"), p.stderr
+
+
 def one_line(capsys, prog: str) -> str:
     captured = capsys.readouterr()
     lines = captured.err.splitlines()

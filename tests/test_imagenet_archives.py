@@ -240,7 +240,7 @@ def test_manifest_goes_to_verify_and_the_loaders_use_it(tmp_path, photos, use_fi
     image)."""
     from fdmobilenet.config import DataConfig
     from pipelines.manifest import NAME
-    from pipelines.preflight import check_split
+    from pipelines.splits import check_split
     made = make_archives(tmp_path / "archives", photos)
     use_fixture_md5(made["files"])
     out = tmp_path / "out"

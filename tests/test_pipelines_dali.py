@@ -22,7 +22,8 @@ from fdmobilenet.config import ResolutionRamp
 from loader_support import epoch_labels
 from pipelines import build_loader
 from pipelines.base import split_dir
-from pipelines.preflight import SOF_MARKERS, check_split, file_damage, list_folder
+from pipelines.integrity import SOF_MARKERS, file_damage
+from pipelines.splits import check_split, list_folder
 from pipelines.dali import DaliLoader
 
 CPU = torch.device("cpu")
@@ -257,19 +258,19 @@ print("TRAINED WITHOUT ERROR")
 
 
 def run_training(root: Path) -> list[str]:
-    """Train 3 epochs in a child process (a hang would fail the timeout); the CorruptImageError lines."""
+    """Train 3 epochs in a child process (a hang would fail the timeout); the DamagedFiles lines."""
     done = subprocess.run([sys.executable, "-c", TRAIN_3_EPOCHS.format(root=str(root))], capture_output=True,
                           text=True, timeout=90)
     assert done.returncode != 0 and "TRAINED WITHOUT ERROR" not in done.stdout
     return [line for line in done.stderr.splitlines()
-            if line.startswith(("pipelines.base.CorruptImageError", "pipelines.preflight.DamagedFiles"))]
+            if line.startswith("pipelines.splits.DamagedFiles")]
 
 
 def test_truncated_jpeg_stops_training_with_an_error_naming_it(truncated_root):
     """Found up front (the GPU decoders would decode it silently, grey where data is missing)."""
     root, victim = truncated_root
     error = run_training(root)
-    assert error and error[0].startswith("pipelines.preflight.DamagedFiles: 1 truncated JPEG(s) in ")
+    assert error and error[0].startswith("pipelines.splits.DamagedFiles: 1 truncated JPEG(s) in ")
     assert str(victim) in error[0]
 
 
@@ -292,7 +293,7 @@ def test_undecodable_jpeg_stops_training_with_dalis_error_naming_it(photo_root, 
     victim.write_bytes(frame_header_of_width_zero(victim.read_bytes()))
     assert file_damage(str(victim)) is None
     error = run_training(root)
-    assert error and error[0].startswith("pipelines.base.CorruptImageError: cannot decode ")
+    assert error and error[0].startswith("pipelines.splits.DamagedFiles: cannot decode ")
     assert str(victim) in error[0]
 
 
@@ -364,7 +365,7 @@ def test_on_corrupt_skip_drops_the_file_up_front(truncated_root, capsys):
     root, victim = truncated_root
     loader = build_loader(small(root, 3, on_corrupt="skip", val_split="train"), "val", 4, device=CPU)
     err = capsys.readouterr().err
-    assert (f"\npipelines.preflight: data.on_corrupt=skip: dropped 1 unreadable file(s) from {root / 'train'}: "
+    assert (f"\npipelines.splits: data.on_corrupt=skip: dropped 1 unreadable file(s) from {root / 'train'}: "
             f"{victim}\n") in err and "Warning" not in err                     # one line, no Python warning
     assert loader.num_samples == 10
     assert sum(len(labels) for _, labels in loader) == 10

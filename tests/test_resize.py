@@ -24,8 +24,8 @@ from pipelines.imagefolder import list_samples
 from pipelines.manifest import NAME
 from pipelines.pack import pack
 from pipelines.photo_set import build_photo_set
-from pipelines.preflight import check_split
 from pipelines.resize import PARAMS, main, resize_tree, target_size
+from pipelines.splits import check_split
 from pipelines.torchvision_loader import open_rgb
 from pipelines.verify import main as verify_main
 
@@ -107,7 +107,7 @@ def test_resized_tree_has_the_same_files_and_labels_and_no_image_above_the_short
     for path, image in zip(outputs, images):
         assert np.abs(np.array(image, np.float32) - np.asarray(Image.open(path), np.float32)).mean() < 1, path
 
-    # the manifest is the one pipelines.verify writes, and the data pre-flight reads no image with it
+    # the manifest is the one pipelines.verify writes, and the check at start reads no image with it
     written = (dst / NAME).read_bytes()
     assert verify_main([str(dst), "--manifest"]) == 0 and (dst / NAME).read_bytes() == written
     checked = check_split(DataConfig(root=str(tmp_path), train_split="r96", num_classes=3), "train")

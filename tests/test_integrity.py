@@ -1,7 +1,7 @@
-"""The data pre-flight (pipelines.preflight) and the manifests it reads (pipelines.verify --manifest), on real
-photo JPEGs: a matching manifest replaces the scan, one that does not match is not trusted, the ranks share the
-scan over a real gloo group under torchrun, the launcher's pre-flight reports a damaged file once before
-torchrun starts, and nothing in the training process forks."""
+"""The check of a split's files at start (pipelines.splits.check_split, pipelines.integrity) and the manifests
+it reads (pipelines.verify --manifest), on real photo JPEGs: a matching manifest replaces the scan, one that
+does not match is not trusted, the ranks share the scan over a real gloo group under torchrun, the launcher's
+pre-flight reports a damaged file once before torchrun starts, and nothing in the training process forks."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ from launch_support import LAUNCH, REPO, build_digits, env, run, run_words
 from fdmobilenet.cli import CorruptImageError
 from pipelines import build_loader
 from pipelines.manifest import NAME
-from pipelines.preflight import check_split
+from pipelines.splits import check_split
 from pipelines.verify import main as verify_main
 
 small = loader_support.small
@@ -37,7 +37,7 @@ def test_a_matching_manifest_replaces_the_scan(photos, capsys):
     data = small(photos, 3, loader="dali")
     checked = check_split(data, "train")
     assert (checked.checked, checked.total) == (0, 11) and checked.how == f"the verdicts of {photos / 'train' / NAME}"
-    assert "pipelines.preflight" not in capsys.readouterr().err        # nothing to say: nothing was read
+    assert "pipelines.splits" not in capsys.readouterr().err        # nothing to say: nothing was read
     assert verify_main([str(photos)]) == 0                              # the manifests are no stray files
     assert "0 errors, 0 warnings" in capsys.readouterr().out
 
@@ -97,7 +97,7 @@ def test_on_corrupt_skip_decodes_in_threads_without_forking(photos, monkeypatch)
     victim.write_bytes(victim.read_bytes()[:300])
 
     def no_fork():
-        raise AssertionError("the data pre-flight forked")
+        raise AssertionError("the check at start forked")
     monkeypatch.setattr(os, "fork", no_fork)
     checked = check_split(small(photos, 3, loader="dali", on_corrupt="skip", num_threads=2), "train")
     assert checked.total == 10 and checked.checked == 11
@@ -107,7 +107,7 @@ SHARED_CHECK = """
 import sys, torch.distributed as dist
 from fdmobilenet.cli import CorruptImageError
 from fdmobilenet.config import DataConfig
-from pipelines.preflight import check_split
+from pipelines.splits import check_split
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 try:
@@ -122,7 +122,8 @@ dist.destroy_process_group()
 
 def test_two_ranks_share_the_scan_and_agree(photos, tmp_path):
     """torchrun, 2 ranks, gloo: each rank reads its half of the 11 files, and a truncated file in rank 1's
-    half is refused by both ranks alike; rank 0 alone prints the cost and the manifest advice."""
+    half is refused by both ranks alike; rank 0 alone prints the cost and the manifest advice. With a matching
+    manifest neither rank reads a file."""
     worker = tmp_path / "worker.py"
     worker.write_text(SHARED_CHECK)
 
@@ -135,12 +136,16 @@ def test_two_ranks_share_the_scan_and_agree(photos, tmp_path):
 
     out = torchrun()
     assert "rank 0: checked 5 of 11" in out and "rank 1: checked 6 of 11" in out
-    assert out.count("pipelines.preflight: ") == 1 and "11 files checked in " in out and "1/2 on each rank" in out
+    assert out.count("pipelines.splits: ") == 1 and "11 files checked in " in out and "1/2 on each rank" in out
     victim = sorted((photos / "train").rglob("*.jpg"))[-1]              # the last file: rank 1's share
     victim.write_bytes(victim.read_bytes()[:-500])
     out = torchrun()
     refused = f"1 truncated JPEG(s) in {photos / 'train'}: {victim}; replace or delete them"
     assert f"rank 0: {refused}" in out and f"rank 1: {refused}" in out
+    victim.unlink()
+    assert verify_main([str(photos), "--manifest"]) == 0
+    out = torchrun()
+    assert "rank 0: checked 0 of 10" in out and "rank 1: checked 0 of 10" in out and "pipelines.splits: " not in out
 
 
 @pytest.fixture(scope="module")
