@@ -4,7 +4,8 @@ change while the box runs, so a row is there as soon as it is measured), and dra
 
 Reads WORK/steps.jsonl (one line per finished step: name, status, rc, seconds, budget, limit) and each step's
 own output, as far as it got: hw_decoder.json (python -m pipelines.hw_decoder), end_to_end.json, ceilings.json,
-batch_512.json, variants.json (train_throughput.py), dali_sweep.json (pipeline_throughput.py), profile.json
+batch_512.json, variants.json (train_throughput.py), stored_size.json (stored_size.py), dali_sweep.json
+(pipeline_throughput.py), profile.json
 (profile_step.py), ddp.json (train_steps.py), ddp_gloo_{1,2}.json, the gpu tests' pytest -v output, and every
 step's log for what the box must not do silently (a loader's pre-flight scanning the photos instead of using
 the manifests; dynamo hitting its recompile limit). A section whose step has not run, was cut or failed is
@@ -25,8 +26,8 @@ from common import markdown_table, write_json   # noqa: E402  (this folder, also
 
 MODEL_ONLY_STEPS = ("ceilings", "batch_512", "variants")
 TRAIN_THROUGHPUT_STEPS = ("end_to_end", *MODEL_ONLY_STEPS)
-SECTIONS = ("headline", "hw_decoder", "dataset", "end_to_end", "model_only", "dali_sweep", "compile_check",
-            "profile", "ddp", "gpu_tests", "ddp_overhead")
+SECTIONS = ("headline", "hw_decoder", "dataset", "end_to_end", "model_only", "stored_size", "dali_sweep",
+            "compile_check", "profile", "ddp", "gpu_tests", "ddp_overhead")
 GPU_TEST_STEPS = ("gpu_tests", "gpu_demo")
 NOT_MEASURED = "not measured"
 TT_COLUMNS = (("width", "width"), ("batch", "batch/rank"), ("variant", "variant"), ("data", "data"),
@@ -170,6 +171,8 @@ def collect(work: Path, mode: str, data: Path, total_s: int, selected: list[str]
     res["end_to_end"] = {**step_status(steps, selected, "end_to_end"), "result": read_json(work / "end_to_end.json")}
     res["model_only"] = {"steps": {name: step_status(steps, selected, name) for name in MODEL_ONLY_STEPS},
                          "results": {name: read_json(work / f"{name}.json") for name in MODEL_ONLY_STEPS}}
+    res["stored_size"] = {**step_status(steps, selected, "stored_size"),
+                          "result": read_json(work / "stored_size.json")}
     res["dali_sweep"] = {**step_status(steps, selected, "dali_sweep"), "result": read_json(work / "dali_sweep.json")}
     res["compile_check"] = compile_check(res, work, steps)
     res["profile"] = {**step_status(steps, selected, "profile"),
@@ -270,6 +273,7 @@ def markdown(res: dict) -> str:
         "; ".join(f"{name}: {s['status']}" for name, s in res["model_only"]["steps"].items()),
         results[0] if results else None, model_only_rows(res), [e for r in results for e in r.get("errors", [])],
         (("step", "step"),))
+    out += stored_size_section(res["stored_size"])
     p = res["dali_sweep"]
     out += ["## Data pipeline alone: hw_decoder_load x threads (pipeline_throughput.py)", "", p["status"]]
     if p["result"]:
@@ -313,6 +317,24 @@ def markdown(res: dict) -> str:
         out += ["", f"step {o['step_ms_1_rank']} ms (1 rank) -> {o['step_ms_2_ranks']} ms (2 ranks): "
                     f"+{o['overhead_pct']}%"]
     return "\n".join(out) + "\n"
+
+
+def stored_size_section(section: dict) -> list[str]:
+    """The pre-resized rows: each stored shorter side (pipelines.resize) at each training resolution."""
+    out = ["## Pre-resized copies: stored shorter side x training resolution (stored_size.py)", "",
+           section["status"]]
+    r = section["result"]
+    if r:
+        s = r["settings"]
+        out += ["", f"{s['num_images']} photos 500x375 q90 and their pipelines.resize copies (q{s['quality']}); "
+                    f"mean bytes per image: " + ", ".join(f"{k} {v / 1e3:.1f} KB" for k, v in r["bytes"].items())
+                + f"; the loaders alone on {s['device']}, batch {s['batch']}, median of {s['rounds']} alternating "
+                  f"rounds of {s['steps']} batches", "",
+                markdown_table(r.get("pipeline", []),
+                               (("loader", "loader"), ("stored", "stored shorter side"), ("res", "res"),
+                                ("img_s", "img/s"), ("rounds", "rounds (img/s)"),
+                                ("x_ref", f"x original @ {max(s['res'])}")))]
+    return out + [""]
 
 
 def throughput_section(title: str, status: str, result: dict | None, rows: list[dict], errors: list[str],

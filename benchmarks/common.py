@@ -13,6 +13,8 @@ Benchmark scripts import it as ``from common import ...`` (a script's own folder
 * ``markdown_table``, ``write_json`` (whole file replaced at once, so a reader never sees half).
 * ``record(section, text, path=RESULTS)``: appends ``text`` at the end of ``## section`` of RESULTS.md (the
   section and the file are created when missing); other sections are left byte for byte as they were.
+* ``publish(text, section, device, record_it)``: prints a script's tables, and records them under
+  ``section (GPU)`` or ``section (CPU)`` when asked (--record).
 """
 from __future__ import annotations
 
@@ -143,6 +145,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def publish(text: str, section: str, device: torch.device | str, record_it: bool) -> None:
+    print("\n" + text, flush=True)
+    if record_it:
+        record(f"{section} ({'GPU' if getattr(device, 'type', device) == 'cuda' else 'CPU'})", text)
 
 
 def record(section: str, text: str, path: str | os.PathLike = RESULTS) -> None:

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
+from common import describe, endless, environment, interleave, markdown_table, publish, timed, write_json
 from fdmobilenet.config import DataConfig, load_family
 from pipelines import build_loader, resolve_loader_defaults
 from pipelines.hw_decoder import JpegEngineSampler
@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(results, (("variant", "loader"), ("images_per_s", "img/s"),
                                        ("rounds", "rounds (img/s)"), ("ratio_to_torchvision", "x torchvision"))
                              + ((("jpeg_engine_max_pct", "JPEG engines max %"),) if gpu else ())))
-    print("\n" + text, flush=True)
-    if args.record:
-        record(f"{SECTION} ({'GPU' if gpu else 'CPU'})", text)
+    publish(text, SECTION, device, args.record)
     return 0
 
 

@@ -10,13 +10,15 @@
 # DALI (hw_decoder_load 0.99, the auto threads) and the torchvision DataLoader, each beside the compiled
 # ceiling of the same trainer (e2e / ceiling) with its data-wait share, and the model-only ceilings compiled
 # and compiled + CUDA graphs - so that "end to end / ceiling" and "DALI / DataLoader" exist after about three
-# minutes; then, each cut first when time runs short: the hw_decoder_load x threads sweep of DALI alone,
+# minutes; then the pre-resized rows (stored shorter side x training resolution, the pipelines alone, on a
+# small photo set and its pipelines.resize copies); then, each cut first when time runs short: the
+# hw_decoder_load x threads sweep of DALI alone,
 # batch 512, the eager / channels_last / bf16 / reduce-overhead variants, torch.profiler, train_ddp.py under
 # torchrun, pytest -m gpu and the digits demo. A step may use what the steps before it left unused, never
 # what the steps after it reserve; one that runs out is killed (timeout) and one with under 5 s left is
 # skipped; the next still runs. To add a step: its name:budget in HEADLINE or REST (in order; the budgets
 # add up to TOTAL_S), a line in describe(), a `step NAME command...` line below in the same order, and its
-# JSON in collect_results.py (the pre-resized rows have their place marked at the start of REST).
+# JSON in collect_results.py.
 #
 # Rows: every row reaches DIR/results.json and DIR/results.md the moment it is measured - the step scripts
 # rewrite their JSON after each row (train_throughput.py), round (pipeline_throughput.py), trace
@@ -26,7 +28,8 @@
 # AOTAutograd caches on; under BENCH_WORK, so a rerun on the same host reuses it); the benchmark scripts compile
 # with dynamic=False and make dynamo's recompile limit an error (train_throughput.py); results.md reports graphs
 # compiled, cache hits, graphs compiled inside timed windows and any step's "hit config.recompile_limit".
-# DIR gets results.json, results.md, log.txt, throughput.png, trace_ceiling.json.gz, trace_e2e_dali.json.gz.
+# DIR gets results.json, results.md, log.txt, throughput.png, stored_size.png, trace_ceiling.json.gz,
+# trace_e2e_dali.json.gz.
 # Exit code: 0 when every step that ran passed. --commit SHA: the commit of the tree, recorded with every
 # number (a copied tree has no .git to ask). Needs python3 with torch + torchvision (or $PYTHON), pytest,
 # matplotlib for the chart, DALI importable. The repo is not installed: this script puts its root on PYTHONPATH.
@@ -95,7 +98,7 @@ if [[ $CPU -eq 1 ]]; then
   # No batch_512 or variants step: the ceilings step runs the eager variants beside the compiled one (a CPU
   # has no CUDA-graph variants to lead with), and a second batch size's static graph is test_trainer.py's.
   HEADLINE=(hw_decoder:60 dataset:60 end_to_end:150 ceilings:180)
-  REST=(dali_sweep:90 profile:150 ddp:150 gpu_tests:120 ddp_gloo_1:90 ddp_gloo_2:90)
+  REST=(stored_size:60 dali_sweep:90 profile:120 ddp:120 gpu_tests:120 ddp_gloo_1:90 ddp_gloo_2:90)
   WRITE_UP=write_up:60
 else
   MODE=gpu
@@ -103,9 +106,8 @@ else
   # Estimates, not yet measured on a GPU: correct them from a box's "Steps" table. The first box on a host
   # compiles cold (tens of seconds per width); later steps and a rerun hit the inductor cache.
   HEADLINE=(hw_decoder:10 dataset:20 end_to_end:115 ceilings:35)
-  # The pre-resized rows (pipelines.resize: the stored shorter side at the training resolution) go here,
-  # first of REST: they answer the decode-bound question right after the headline.
-  REST=(dali_sweep:20 batch_512:25 variants:25 profile:15 ddp:15 gpu_tests:10 gpu_demo:5)
+  # The pre-resized rows first of REST: they answer the decode-bound question right after the headline.
+  REST=(stored_size:30 dali_sweep:15 batch_512:15 variants:15 profile:15 ddp:10 gpu_tests:10 gpu_demo:5)
   WRITE_UP=write_up:5
 fi
 STEPS=("${HEADLINE[@]}" "${REST[@]}" "$WRITE_UP")
@@ -121,6 +123,8 @@ describe() {
     ceilings) echo "headline: model only, widths $E2E_WIDTHS, batch $BATCH: $(
                (( gpu )) && echo 'compiled vs compiled + CUDA graphs' ||
                echo 'eager fp32 NCHW, channels_last, + bf16, compiled (aot_eager)')" ;;
+    stored_size) echo "pre-resized: $( (( gpu )) && echo 'DALI (GPU decode)' || echo 'DataLoader and DALI') alone," \
+                      "stored shorter side {$STORED} x res {$STORED_RES}" ;;
     dali_sweep) echo "data pipeline alone: DataLoader vs DALI$(
                  (( gpu )) && echo ' hw_decoder_load {0, 0.65, 0.99} x threads {4, 8}')" ;;
     batch_512) echo "model only, batch $BIG_BATCH, compiled (static shapes)" ;;
@@ -146,6 +150,8 @@ if [[ $MODE == cpu ]]; then
   CEIL=(--batch-sizes "$BATCH" --variants eager_fp32_nchw,channels_last,channels_last_bf16,compiled
         --compile-backend aot_eager)
   BIG=(); VARIANTS=()   # steps of the GPU plan only
+  STORED=original,160; STORED_RES=128
+  SIZES=(--quick --device cpu)
   PIPE=(--device cpu --batch 8 --steps 2 --rounds 3 --warmup 1 --threads "$(nproc)")
   PROF=(--device cpu --threads 1 --width 0.25 --batch 8 --image-size 128 --warmup 2 --steps 3)
   DDP_STEPS=2; DDP_EPOCH=3
@@ -163,6 +169,11 @@ else
   CEIL=(--batch-sizes "$BATCH" --variants compiled,compiled_cuda_graphs)
   BIG=(--batch-sizes "$BIG_BATCH" --variants compiled)
   VARIANTS=(--batch-sizes "$BATCH" --variants eager_fp32_nchw,channels_last,channels_last_bf16,reduce_overhead)
+  # 2560 photos (10 batches) and two resized copies (about 10 s of resizing on 16 cores); DALI only: the
+  # DataLoader's CPU decode is the end-to-end step's, and 6 DataLoaders of 16 workers would not fit 30 s
+  STORED=original,256,160; STORED_RES=224,160
+  SIZES=(--device cuda --loaders dali --stored "$STORED" --res "$STORED_RES" --num-images 2560 --batch 256
+         --steps 8 --warmup 3)
   PIPE=(--batch 256 --steps 12 --rounds 3 --warmup 3 --threads 4 8 --hw-decoder-load 0 0.65 0.99)
   PROF=(--width 1 --batch 256 --warmup 8 --steps 10)
   DDP_STEPS=150; DDP_EPOCH=$((NUM_TRAIN / 256))
@@ -218,9 +229,6 @@ if [[ $PLAN -eq 1 ]]; then
   for name in "${SELECTED[@]}" write_up; do
     by=$((by + $(budget "$name")))
     printf '%-12s %8d %6d  %s\n' "$name" "$(budget "$name")" "$by" "$(describe "$name")"
-    if [[ $name == "${HEADLINE[-1]%%:*}" && $MODE == gpu ]]; then
-      echo "  (the pre-resized rows, pipelines.resize, go here: after the headline, before the rest)"
-    fi
   done
   printf '%-12s %8d\n' total "$TOTAL_S"
   if (( by < TOTAL_S )); then
@@ -335,6 +343,9 @@ step dataset bash -c '"$0" -m pipelines.photo_set "$1" --num-train "$2" --num-va
 step end_to_end "$PY" benchmarks/train_throughput.py "${TT[@]}" "${E2E[@]}" --variants none \
   --data-root "$DATA" --set "data.num_classes=$CLASSES" --json "$WORK/end_to_end.json"
 step ceilings "$PY" benchmarks/train_throughput.py "${TT[@]}" "${CEIL[@]}" --json "$WORK/ceilings.json"
+# its json reaches results.json (the watcher); its chart comes back beside throughput.png
+step stored_size bash -c '"$0" benchmarks/stored_size.py "${@:3}" --rounds 3 --no-e2e --out "$1/stored_size" \
+  --json "$1/stored_size.json" && cp "$1/stored_size/stored_size.png" "$2/"' "$PY" "$WORK" "$OUT" "${SIZES[@]}"
 step dali_sweep "$PY" benchmarks/pipeline_throughput.py --data "$DATA" "${PIPE[@]}" --json "$WORK/dali_sweep.json"
 step batch_512 "$PY" benchmarks/train_throughput.py "${TT[@]}" "${BIG[@]}" --json "$WORK/batch_512.json"
 step variants "$PY" benchmarks/train_throughput.py "${TT[@]}" "${VARIANTS[@]}" --json "$WORK/variants.json"

@@ -3,7 +3,7 @@ alone and end to end through the trainer.
 
     python benchmarks/stored_size.py [--stored original,320,256,192,160] [--res 224,192,160]
         [--loaders torchvision,dali] [--num-images 1280] [--quality 90] [--rounds 3] [--e2e-rounds 2] [--no-e2e]
-        [--out DIR] [--record] [--quick]
+        [--device cpu|cuda] [--out DIR] [--json PATH] [--record] [--quick]
 
 Data: a photo set (pipelines.photo_set: real photos, 500x375, JPEG q90; cached) and its copies made by
 ``python -m pipelines.resize --short-side N`` for every N of --stored ('original' is the set itself, shorter
@@ -19,8 +19,12 @@ side 375). Bytes on disk per image are read from each copy.
   the first. Every variant once per round, --e2e-rounds rounds alternating; reported: the median of the
   rounds' medians, and the data-wait share.
 
-Writes OUT/stored_size.json, OUT/stored_size.md and OUT/stored_size.png (img/s against stored size, a line
-per loader and resolution). --quick: a toy run (48 photos, stored original and 160, resolution 128, batch
+On --device cuda (the default where there is a GPU; benchmarks/run_gpu.sh runs the pipelines alone this way)
+DALI decodes on the GPU (mixed, the hardware decoder's share as data.hw_decoder_load resolves) and the
+DataLoader's batches are copied to it.
+
+Writes OUT/stored_size.json (also to --json, after the pipeline rows and again at the end), OUT/stored_size.md
+and OUT/stored_size.png (img/s against stored size, a line per loader and resolution). --quick: a toy run (48 photos, stored original and 160, resolution 128, batch
 8) that checks the script end to end; it measures nothing worth keeping.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ from statistics import median
 
 import torch
 
-from common import describe, environment, interleave, markdown_table, record, write_json
+from common import describe, environment, interleave, markdown_table, publish, write_json
 from fdmobilenet.config import load_family
 from pipeline_throughput import default_data_root, timed_rounds
 from pipelines import manifest, resolve_loader_defaults
@@ -47,7 +51,7 @@ from pipelines.resize import resize_tree
 from pipelines.verify import check_tree
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "Stored image size x training resolution (CPU)"
+SECTION = "Stored image size x training resolution"
 ORIGINAL = "original"
 PHOTO_SIZE = (500, 375)
 CLASSES = 10
@@ -81,8 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--e2e-steps", type=int, default=None,
                     help="trainer steps per end-to-end run (default 30, log windows of 5; --quick 6, windows of 2)")
     ap.add_argument("--no-e2e", action="store_true", help="only the pipelines alone")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("stored_size"), help="where the json, md and png go")
-    ap.add_argument("--record", action="store_true", help=f"append the tables to benchmarks/RESULTS.md ({SECTION})")
+    ap.add_argument("--json", type=Path, default=None, help="also write the json here")
+    ap.add_argument("--record", action="store_true",
+                    help=f"append the tables to benchmarks/RESULTS.md ('{SECTION} (CPU|GPU)')")
     ap.add_argument("--quick", action="store_true", help="toy size: checks that the script runs")
     args = ap.parse_args(argv)
     quick = args.quick
@@ -140,7 +147,7 @@ def label(n) -> str:
 
 # --------------------------------------------------------------------------------------- pipeline alone
 def pipeline_alone(args, roots: dict) -> list[dict]:
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     base = load_family("data", "imagenet-aggressive")
     variants = [(loader, n, r) for loader in args.loaders for n in args.stored for r in args.res]
     rounds = {}
@@ -164,7 +171,7 @@ def trainer_run(args, root: Path, loader: str, res: int, work: Path, tag: str) -
                "--fresh", f"data.root={root}", f"data.num_classes={CLASSES}", f"data.loader={loader}",
                f"data.crop_size={res}", f"optim.batch_size={args.batch}", "optim.epochs=1000",
                f"train.print_freq={args.print_freq}", "train.eval_every=0", "train.plot=false",
-               f"train.output_dir={work}"]
+               f"train.device={args.device}", f"train.output_dir={work}"]
     summary = work / f"{tag}.steps.json"
     with open(work / f"{tag}.log", "w") as log:
         rc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_steps.py"), "--steps",
@@ -240,7 +247,7 @@ def markdown(result: dict) -> str:
              f"load average after: {' / '.join(map(str, result['load_avg_after']))} ·",
              f"{s['num_images']} training photos {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} q90 (pipelines.photo_set) and their "
              f"copies by pipelines.resize (q{s['quality']}) ·",
-             f"batch {s['batch']} · {s['threads']} DALI threads / DataLoader workers", "",
+             f"batch {s['batch']} · {s['threads']} DALI threads / DataLoader workers · device {s['device']}", "",
              f"Bytes on disk per image: {sizes}", "",
              "Pipeline alone (imagenet-aggressive train pipeline at res;",
              f"median of {s['rounds']} alternating rounds x {s['steps']} batches after {s['warmup']} warm-up "
@@ -277,6 +284,11 @@ def check_targets(result: dict) -> list[str]:
     return out
 
 
+def save(args, result: dict) -> None:
+    for path in filter(None, (args.out / "stored_size.json", args.json)):
+        write_json(path, result)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -288,19 +300,17 @@ def main(argv=None) -> int:
               "bytes": {label(n): round(bytes_per_image(r)[1]) for n, r in roots.items()}}
     result["pipeline"] = pipeline_alone(args, roots)
     ratios(result["pipeline"], (label(ORIGINAL), max(args.res)))
-    write_json(args.out / "stored_size.json", result)
+    save(args, result)
     if not args.no_e2e:
         result["end_to_end"] = end_to_end(args, roots)
         ratios(result["end_to_end"], (label(ORIGINAL), max(args.res)))
     result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["targets"] = check_targets(result)
-    write_json(args.out / "stored_size.json", result)
+    save(args, result)
     chart(result, args.out / "stored_size.png")
     text = markdown(result)
     (args.out / "stored_size.md").write_text(text + "\n")
-    print("\n" + text, flush=True)
-    if args.record:
-        record(SECTION, text)
+    publish(text, SECTION, args.device, args.record)
     return 0
 
 

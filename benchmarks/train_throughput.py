@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common import describe, endless, environment, interleave, markdown_table, record, timed, write_json
+from common import describe, endless, environment, interleave, markdown_table, publish, timed, write_json
 from fdmobilenet.config import OptimConfig, SchedConfig, TrainConfig, choices, load_experiment
 from fdmobilenet.cuda_graph import GraphedStep
 from fdmobilenet.distributed import DistInfo, init_distributed, resolve_device, shutdown
@@ -601,12 +601,9 @@ def main(argv=None) -> int:
         shutdown()
     if info.is_main:
         text = report_markdown(result)
-        print(text)
         if args.md:
             Path(args.md).write_text(text + "\n")
-        if args.record:
-            kind = "GPU" if info.device.type == "cuda" else "CPU"
-            record(f"Training throughput ({kind})", text)
+        publish(text, "Training throughput", info.device, args.record)
     return 1 if result["errors"] else 0
 
 

@@ -9,7 +9,7 @@ host, as in eager, and everything the graph updates is updated in place, so a gr
 eagerly and vice versa. The graph is captured again when what it baked in changes (optimizer state replaced,
 parameters moved, train/eval mode, the batch's shape, dtype or layout). What cannot be captured (CPU, DDP,
 fp16's GradScaler, reduce-overhead's own graphs, a non-fused SGD) is what :func:`use_cuda_graphs` refuses;
-the reasons: docs/design-loop.md.
+the reasons: docs/design.md.
 """
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def prepare_model(model: nn.Module, train: TrainConfig, info: DistInfo) -> tuple
     """Device, memory format, torch.compile, then DDP. Returns (what to train, what to evaluate): evaluation
     skips DDP, whose forward would broadcast buffers - a collective per batch, and ranks may hold different
     numbers of val batches. Compile wraps the plain module before DDP (as timm does): DDP's hooks sit on real
-    parameters and checkpoint keys stay predictable (docs/design-loop.md). ``train.compile_dynamic`` picks
+    parameters and checkpoint keys stay predictable (docs/design.md). ``train.compile_dynamic`` picks
     static shapes (a graph per image size) or dynamic ones (benchmarks/compile_resolutions.py)."""
     model.to(info.device)
     if train.channels_last:

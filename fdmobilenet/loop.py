@@ -315,7 +315,7 @@ class Loop:
     def validate(self) -> dict:
         """The evaluation of the trained epoch: val metrics, and the EMA's top-1 when there is an EMA. Every
         rank first takes rank 0's BatchNorm buffers (and the EMA's), the ones rank 0 saves, so that the
-        numbers are the checkpoint's (docs/design-loop.md). A preemption signal abandons it (Preempted)."""
+        numbers are the checkpoint's (docs/design.md). A preemption signal abandons it (Preempted)."""
         t, train = self.state.trainer, self.state.config.train
         broadcast_buffers(t.module, t.info)
         if t.ema is not None:

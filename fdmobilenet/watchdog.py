@@ -9,7 +9,7 @@ directory, removed when the rank ends). ``timed_steps(range(...))`` wraps the st
 batch, the step, the log line, the preemption poll, a step checkpoint - must end within the allowance
 (``train.first_step_timeout_s`` for a process's first step: compilation, warm-up), or the watchdog process
 SIGKILLs the rank, which works on a stopped rank, one stuck in a C call or in a collective. Why a server per
-rank rather than torchrun's own or a shorter collective timeout: docs/design-loop.md.
+rank rather than torchrun's own or a shorter collective timeout: docs/design.md.
 """
 from __future__ import annotations
 

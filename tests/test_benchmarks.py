@@ -29,9 +29,9 @@ import common  # noqa: E402
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "benchmarks" / "run_gpu.sh"
 HEADLINE = ["hw_decoder", "dataset", "end_to_end", "ceilings"]
-REST = ["dali_sweep", "batch_512", "variants", "profile", "ddp", "gpu_tests"]
+REST = ["stored_size", "dali_sweep", "batch_512", "variants", "profile", "ddp", "gpu_tests"]
 # the CPU box: the eager variants run in the ceilings step; no batch 512; gloo DDP instead of the demo
-CPU_STEPS = HEADLINE + ["dali_sweep", "profile", "ddp", "gpu_tests", "ddp_gloo_1", "ddp_gloo_2"]
+CPU_STEPS = HEADLINE + ["stored_size", "dali_sweep", "profile", "ddp", "gpu_tests", "ddp_gloo_1", "ddp_gloo_2"]
 
 
 def start_script(out: Path, work: Path, *args: str, **env) -> subprocess.Popen:
@@ -85,17 +85,15 @@ def plan(*flags: str) -> tuple[list[tuple[str, int]], int, str]:
 def test_gpu_plan_is_a_box_of_300_s_with_the_headline_first():
     """The GPU box: at most 300 s; its budgets add up to it; the first step that measures anything is end to
     end, after only the probe and the photo set; the headline (end to end and the ceilings) is reserved
-    within the first ~3 minutes; the pre-resized rows have their place right after it; then the rest in the
-    issue's order, the tests last."""
+    within the first ~3 minutes; the pre-resized rows (stored size x resolution) come right after it; then the
+    rest in the issue's order, the tests last."""
     steps, total, text = plan()
     names = [name for name, _ in steps]
     assert total <= 300 and sum(b for _, b in steps) == total and all(b > 0 for _, b in steps)
     assert names == HEADLINE + REST + ["gpu_demo", "write_up"]
     budgets = dict(steps)
     assert sum(budgets[n] for n in HEADLINE) <= 180
-    lines = text.splitlines()
-    assert lines.index(next(ln for ln in lines if "pre-resized" in ln)) == \
-        lines.index(next(ln for ln in lines if ln.startswith("ceilings "))) + 1
+    assert "original,256,160" in next(ln for ln in text.splitlines() if ln.startswith("stored_size "))
     cpu_steps, cpu_total, _ = plan("--cpu")
     assert [name for name, _ in cpu_steps] == CPU_STEPS + ["write_up"]
     assert sum(b for _, b in cpu_steps) == cpu_total
@@ -120,9 +118,10 @@ def test_cpu_run_every_step_passes(cpu_run):
     failed = [s for s in res["steps"] if s["status"] != "ok"]
     assert not failed and proc.returncode == 0, (failed, stdout[-3000:], (out / "log.txt").read_text()[-6000:])
     assert [s["name"] for s in res["steps"]] == CPU_STEPS and res["rerun_from"] is None
-    # at most 8 files come back from the GPU machine; the script writes 6
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.md", "throughput.png",
-                                                      "trace_ceiling.json.gz", "trace_e2e_dali.json.gz"]
+    # at most 8 files come back from the GPU machine; the script writes 7
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.md", "stored_size.png",
+                                                      "throughput.png", "trace_ceiling.json.gz",
+                                                      "trace_e2e_dali.json.gz"]
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["chart"] == "throughput.png"
 
 
@@ -138,8 +137,8 @@ def test_cpu_run_rows_appear_while_their_step_runs(cpu_run):
 def test_cpu_run_sections_complete(cpu_run):
     out = cpu_run[2]
     res = json.loads((out / "results.json").read_text())
-    for section in ("hw_decoder", "dataset", "end_to_end", "dali_sweep", "profile", "ddp", "gpu_tests",
-                    "ddp_overhead"):
+    for section in ("hw_decoder", "dataset", "end_to_end", "stored_size", "dali_sweep", "profile", "ddp",
+                    "gpu_tests", "ddp_overhead"):
         assert res[section]["status"] == "ok", section
     assert {name: s["status"] for name, s in res["model_only"]["steps"].items()} == {
         "ceilings": "ok", "batch_512": "not in this box", "variants": "not in this box"}
@@ -179,6 +178,10 @@ def test_cpu_run_sections_complete(cpu_run):
     assert settings["recompile_limit"] == 64 and settings["limit_hit_is_an_error"]
     assert settings["inductor_cache_dir"].endswith("inductor-cache")
 
+    sizes = res["stored_size"]["result"]   # the pre-resized rows: both loaders, the photos and their copy
+    assert [(r["loader"], r["stored"], r["res"]) for r in sizes["pipeline"]] == [
+        (loader, stored, 128) for loader in ("torchvision", "dali") for stored in ("original (375)", "160")]
+    assert all(r["img_s"] > 0 for r in sizes["pipeline"]) and sizes["bytes"]["160"] < sizes["bytes"]["original (375)"]
     sweep = res["dali_sweep"]["result"]
     assert {r["loader"] for r in sweep["results"]} == {"torchvision", "dali"} and sweep["rounds_done"] == 3
     runs = {r["name"]: r for r in res["profile"]["runs"]}
@@ -198,7 +201,7 @@ def test_cpu_run_sections_complete(cpu_run):
 
     md = (out / "results.md").read_text()
     for heading in ("## Headline", "## Steps", "## Hardware JPEG decoder", "## Dataset", "## End to end",
-                    "## Model-only ceilings", "## Data pipeline alone", "## Compile check", "## Profile",
+                    "## Model-only ceilings", "## Pre-resized copies", "## Data pipeline alone", "## Compile check", "## Profile",
                     "## torchrun + train_ddp.py", "## GPU tests", "## DDP overhead"):
         assert heading in md
     assert md.index("## Headline") < md.index("## Steps") < md.index("## End to end")
