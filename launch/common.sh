@@ -2,7 +2,8 @@
 #   ROOT      the repository root
 #   PYTHON    the interpreter (PYTHON env, else ROOT/.venv/bin/python, else python3)
 #   TRAIN     the training script (TRAIN env, default ROOT/train_ddp.py)
-#   TORCHRUN  torchrun as a module of $PYTHON (same interpreter as the workers, no PATH surprises)
+#   TORCHRUN  torchrun run by $PYTHON (same interpreter as the workers, no PATH surprises), through
+#             launch/torchrun.py: when torchrun itself is signalled, one line and exit 128 + the signal
 # and the thread / NCCL defaults below. Every default can be overridden from the environment.
 
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -16,7 +17,7 @@ TRAIN=${TRAIN:-$ROOT/train_ddp.py}
 # enough for one step plus a checkpoint write, shorter than SLURM's USR1 lead time (120 s in slurm.sbatch).
 SIGNALS_TO_HANDLE=${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
-TORCHRUN=("$PYTHON" -m torch.distributed.run "--signals-to-handle=$SIGNALS_TO_HANDLE"
+TORCHRUN=("$PYTHON" "$ROOT/launch/torchrun.py" "--signals-to-handle=$SIGNALS_TO_HANDLE"
           "--shutdown-timeout=$SHUTDOWN_TIMEOUT" "--max-restarts=${MAX_RESTARTS:-0}")
 
 # Pre-flight: `train_ddp.py --check` in one plain process before any worker starts (train_check.py):
@@ -25,7 +26,7 @@ TORCHRUN=("$PYTHON" -m torch.distributed.run "--signals-to-handle=$SIGNALS_TO_HA
 # restarts a failing worker whatever its exit code, and SLURM would requeue, so the same mistake would run
 # (and fail) again and again. Exit codes of a launcher: 0 done (or preempted workers, see below); 2 a
 # mistake in the command, its config or its files (the one line says which), nothing started; 1 a worker
-# crashed (its traceback is in the log) or torchrun itself was signalled.
+# crashed (its traceback is in the log); 128 + N torchrun itself got signal N (130: Ctrl-C).
 preflight() {  # $1 = planned world size(s), comma-separated; then the trainer's arguments
   local world=$1; shift
   "$PYTHON" "$TRAIN" --check --world-size "$world" "$@"

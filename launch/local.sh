@@ -9,11 +9,11 @@
 # Exit code: 0 when the run is done, and also when only the workers got SIGTERM/SIGUSR1 (they checkpoint at
 # the next agreed step, print "preempted ... checkpoint saved" and exit 0: run the command again to resume);
 # 2 when the pre-flight (train_ddp.py --check, launch/common.sh) found a mistake: one line, no worker started;
-# 1 when a worker failed, or when torchrun itself was signalled (it re-raises the signal after its workers
-# have checkpointed and exited; the "preempted" line tells the two apart). Ctrl-C is such a signal: the
-# terminal's SIGINT reaches torchrun (not the workers, each in a session of its own), torchrun forwards it
-# once, the workers checkpoint at an agreed step, print "interrupted (SIGINT) ... checkpoint saved ..." and
-# exit 130, then torchrun exits 1 with its own traceback; a second Ctrl-C stops the workers at once.
+# 1 when a worker failed; 128 + N when torchrun itself got signal N (it forwards it, waits for the workers to
+# checkpoint and exit, then prints "torchrun: stopped by SIGNAME ...": launch/torchrun.py). Ctrl-C is such a
+# signal: the terminal's SIGINT reaches torchrun (not the workers, each in a session of its own), torchrun
+# forwards it once, the workers checkpoint at an agreed step and print "interrupted (SIGINT) ... checkpoint
+# saved ...", and the launcher exits 130; a second Ctrl-C stops the workers at once.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(default_nproc)}

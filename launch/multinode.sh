@@ -14,8 +14,8 @@
 # Exit code: 0 done; 2 the pre-flight found a mistake (one line; no worker started on this node), or this node
 # cannot resolve the endpoint's host or lacks an interface named in GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME
 # (launch/common.sh check_node_network: one line naming the node and what to set), or a usage error; 1 from
-# torchrun when a worker failed or when torchrun was signalled (the workers then checkpoint first and log
-# "preempted", or "interrupted" after Ctrl-C; run the same command again to resume).
+# torchrun when a worker failed; 128 + N when torchrun got signal N (the workers checkpoint first and log
+# "preempted", or "interrupted" after Ctrl-C, 130; run the same command again to resume).
 set -euo pipefail
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
