@@ -3,7 +3,7 @@ alone and end to end through the trainer.
 
     python benchmarks/stored_size.py [--stored original,320,256,192,160] [--res 224,192,160]
         [--loaders torchvision,dali] [--num-images 1280] [--quality 90] [--rounds 3] [--e2e-rounds 2] [--no-e2e]
-        [--device cpu|cuda] [--out DIR] [--json PATH] [--record] [--quick]
+        [--stages] [--device cpu|cuda] [--out DIR] [--json PATH] [--record] [--quick]
 
 Data: a photo set (pipelines.photo_set: real photos, 500x375, JPEG q90; cached) and its copies made by
 ``python -m pipelines.resize --short-side N`` for every N of --stored ('original' is the set itself, shorter
@@ -13,6 +13,10 @@ side 375). Bytes on disk per image are read from each copy.
   loader x stored size x resolution R, built once, warmed up, then timed in rounds that alternate all the
   variants (pipeline_throughput.timed_rounds: each round drains the variant's prefetch queue untimed, then
   times --steps batches). Reported: the median img/s over --rounds.
+* Stages (--stages; DALI on the CPU, the largest --res): where a batch's time goes, stored size by stored
+  size - the imagenet-aggressive train graph of pipelines/dali.py cut after its random-crop (ROI) decode,
+  after the resize to res x res, and whole (+ crop_mirror_normalize), alternating rounds as above. The
+  decode's share shrinks with the stored pixels; the resize's output and the normalisation do not.
 * End to end: ``train_ddp.py`` as a user runs it (one rank under torchrun, FD-MobileNet 0.25x, batch
   --batch, data.crop_size=R, the trainer's defaults otherwise) through benchmarks/train_steps.py, which stops
   it by its preemption signal after --e2e-steps steps and takes the median img/s of its log windows after
@@ -85,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--e2e-steps", type=int, default=None,
                     help="trainer steps per end-to-end run (default 30, log windows of 5; --quick 6, windows of 2)")
     ap.add_argument("--no-e2e", action="store_true", help="only the pipelines alone")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time DALI's CPU train graph cut after decode, resize and normalise")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("stored_size"), help="where the json, md and png go")
     ap.add_argument("--json", type=Path, default=None, help="also write the json here")
@@ -160,6 +166,62 @@ def pipeline_alone(args, roots: dict) -> list[dict]:
     rates = interleave(rounds, args.rounds)
     return [{"loader": loader, "stored": label(n), "res": r, "img_s": round(median(rates[(loader, n, r)]), 1),
              "rounds": [round(x, 1) for x in rates[(loader, n, r)]]} for loader, n, r in variants]
+
+
+# ------------------------------------------------------------------------------------------------ stages
+STAGES = ("ROI decode", "+ resize", "+ normalise")
+
+
+def stage_pipeline(data, files: list[str], stage: str, size: int, batch: int, threads: int):
+    """pipelines.dali's train graph (random_resized crop, CPU) up to ``stage``: the reader, the random-crop
+    decode, the resize to ``size`` x ``size``, crop_mirror_normalize - with the same data settings."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def graph():
+        jpegs, _ = fn.readers.file(files=files, random_shuffle=True)
+        images = fn.decoders.image_random_crop(jpegs, random_area=list(data.scale),
+                                               random_aspect_ratio=list(data.ratio), output_type=types.RGB)
+        if stage != STAGES[0]:
+            images = fn.resize(images, resize_x=size, resize_y=size)
+        if stage == STAGES[2]:
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
+                                              mean=[255.0 * m for m in data.mean], std=[255.0 * s for s in data.std],
+                                              mirror=fn.random.coin_flip(probability=0.5))
+        return images
+
+    # synchronous: each run() computes its own batch, so no batch prepared while another variant ran is timed
+    pipe = graph(batch_size=batch, num_threads=threads, device_id=None, seed=data.seed, prefetch_queue_depth=1,
+                 exec_async=False, exec_pipelined=False)
+    pipe.build()
+    return pipe
+
+
+def stages(args, roots: dict) -> list[dict]:
+    base, size = load_family("data", "imagenet-aggressive"), max(args.res)
+    runs = {}
+    for n in args.stored:
+        files = [path for path, _ in list_samples(roots[n] / "train")[1]]
+        for stage in STAGES:
+            pipe = stage_pipeline(base, files, stage, size, args.batch, args.threads)
+            for _ in range(args.warmup):
+                pipe.run()
+
+            def one_round(pipe=pipe) -> float:
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    pipe.run()
+                return args.steps * args.batch / (time.perf_counter() - start)
+            runs[(n, stage)] = one_round
+    rates = interleave(runs, args.rounds)
+    rows = []
+    for n, stage in runs:
+        img_s = median(rates[(n, stage)])
+        ref = median(rates[(ORIGINAL, stage)]) if ORIGINAL in args.stored else None
+        rows.append({"stored": label(n), "stage": stage, "res": size, "img_s": round(img_s, 1),
+                     "ms_per_img": round(1000 / img_s, 3), "rounds": [round(x, 1) for x in rates[(n, stage)]],
+                     "x_original": round(img_s / ref, 2) if ref else "-"})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- end to end
@@ -252,6 +314,12 @@ def markdown(result: dict) -> str:
              "Pipeline alone (imagenet-aggressive train pipeline at res;",
              f"median of {s['rounds']} alternating rounds x {s['steps']} batches after {s['warmup']} warm-up "
              f"batches):", "", markdown_table(result["pipeline"], cols)]
+    if result.get("stages"):
+        lines += ["", f"Stages (DALI CPU train graph cut after each op, res {max(s['res'])}; median of {s['rounds']} "
+                  f"alternating rounds x {s['steps']} batches):", "",
+                  markdown_table(result["stages"], (("stored", "stored shorter side"), ("stage", "graph up to"),
+                                                    ("img_s", "img/s"), ("ms_per_img", "ms per image"),
+                                                    ("rounds", "rounds (img/s)"), ("x_original", "x original")))]
     if result.get("end_to_end"):
         lines += ["", "End to end (train_ddp.py, one rank under torchrun, 0.25x, data.crop_size=res, the trainer's "
                   "defaults otherwise;", f"median of {s['e2e_rounds']} alternating rounds, each the median of the "
@@ -301,6 +369,9 @@ def main(argv=None) -> int:
     result["pipeline"] = pipeline_alone(args, roots)
     ratios(result["pipeline"], (label(ORIGINAL), max(args.res)))
     save(args, result)
+    if args.stages:
+        result["stages"] = stages(args, roots)
+        save(args, result)
     if not args.no_e2e:
         result["end_to_end"] = end_to_end(args, roots)
         ratios(result["end_to_end"], (label(ORIGINAL), max(args.res)))

@@ -299,11 +299,12 @@ def test_interleave_runs_variants_in_rounds():
 
 
 def test_stored_size_benchmark_runs_at_toy_size(tmp_path):
-    """benchmarks/stored_size.py --quick end to end (a photo set and its copy by pipelines.resize, both loaders
-    alone and through train_ddp.py under torchrun): every row measured, finite and positive, the bytes per image
-    and the chart written. No speed is asserted."""
+    """benchmarks/stored_size.py --quick --stages end to end (a photo set and its copy by pipelines.resize, both
+    loaders alone and through train_ddp.py under torchrun, DALI's graph cut after each op): every row measured,
+    finite and positive, the bytes per image and the chart written. No speed is asserted."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stored_size.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stored_size.py"), "--quick", "--stages", "--out",
+                           str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -314,6 +315,9 @@ def test_stored_size_benchmark_runs_at_toy_size(tmp_path):
         assert all(math.isfinite(x) and x > 0 for r in res[section] for x in r["rounds"]), section
     assert len(res["pipeline"][0]["rounds"]) == 3 and len(res["end_to_end"][0]["rounds"]) == 1
     assert res["bytes"]["160"] < res["bytes"]["original (375)"]
+    assert [(r["stored"], r["stage"]) for r in res["stages"]] == [
+        (stored, stage) for stored in ("original (375)", "160") for stage in ("ROI decode", "+ resize", "+ normalise")]
+    assert all(r["ms_per_img"] > 0 and len(r["rounds"]) == 3 for r in res["stages"])
     assert (out / "stored_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| dali | 160 | 128 |" in (out / "stored_size.md").read_text()
 def test_fill_wraps_prose_and_keeps_commands_and_tables_whole():
