@@ -2,7 +2,8 @@
 
 Benchmark scripts import it as ``from common import ...`` (a script's own folder is on sys.path). The API:
 
-* ``environment(argv)``: fdmobilenet.logs.run_metadata (commit, dirty flag, command, versions) plus the machine:
+* ``environment(argv)``: fdmobilenet.logs.run_metadata (commit, dirty flag, versions), the command as a user
+  types it (``typed_command``), plus the machine:
   CPU model, usable cores, load average, and on CUDA the GPU, driver and CUDA runtime.
 * ``typed_command(argv)``: the command for a record, with ``python`` for the interpreter's path; ``fill(text)``:
   its prose wrapped so that no line of RESULTS.md runs long.
@@ -64,6 +65,7 @@ def environment(argv: Sequence[str]) -> dict:
     import torch
     from fdmobilenet.logs import run_metadata
     meta = run_metadata(list(argv))
+    meta["command"] = typed_command(argv)
     meta["cpu"] = _cpu_model()
     meta["cores"] = len(os.sched_getaffinity(0))
     meta["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from common import describe, environment, fill, markdown_table, record, typed_command
+from common import describe, environment, fill, markdown_table, record
 
 VARIANTS = ("eager", "off", "on", "auto")
 
@@ -133,7 +133,6 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     meta = environment(sys.argv)
-    meta["command"] = typed_command(sys.argv)
     variants = args.variants.split(",")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):

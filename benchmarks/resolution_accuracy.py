@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-from common import describe, environment, fill, markdown_table, record, typed_command
+from common import describe, environment, fill, markdown_table, record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,6 @@ def score(checkpoint: Path, size: int) -> float:
 def main() -> None:
     args = parse_args()
     meta = environment(sys.argv)
-    meta["command"] = typed_command(sys.argv)
     classes = len([d for d in os.scandir(Path(args.data) / "train") if d.is_dir()])
     seeds = [int(s) for s in args.seeds.split(",")]
     sweep = [int(s) for s in args.sweep.split(",")]

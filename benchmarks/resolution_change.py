@@ -20,7 +20,7 @@ from statistics import median
 
 import torch
 
-from common import describe, environment, fill, markdown_table, record, typed_command
+from common import describe, environment, fill, markdown_table, record
 from fdmobilenet.config import ResolutionRamp, load_experiment
 from pipelines import build_loader
 
@@ -63,7 +63,6 @@ def one(args: argparse.Namespace, variant: str) -> dict:
 def main() -> None:
     args = parse_args()
     meta = environment(sys.argv)
-    meta["command"] = typed_command(sys.argv)
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:

@@ -547,7 +547,7 @@ def main(argv=None) -> int:
               "rows": [], "errors": []}
     if "LOCAL_WORLD_SIZE" in os.environ:   # started by torchrun: record the command that starts all ranks
         local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
-        result["meta"]["command"] = shlex.join([sys.executable, "-m", "torch.distributed.run",
+        result["meta"]["command"] = shlex.join(["python", "-m", "torch.distributed.run",
                                                 f"--nproc_per_node={local}", f"--nnodes={world // local}",
                                                 *command_argv])
     if any(VARIANTS[name].compile for name in args.variants) or (args.loaders and VARIANTS[args.e2e_variant].compile):
