@@ -69,7 +69,7 @@ def node_processes(node: str) -> dict[int, tuple[int, str]]:
 def training_processes(node: str) -> dict[str, list[int]]:
     """The node's torchrun agents, its workers (torchrun's children) and its ranks' watchdog processes."""
     procs = node_processes(node)
-    agents = [p for p, (_, cmd) in procs.items() if "torch.distributed.run" in cmd]
+    agents = [p for p, (_, cmd) in procs.items() if "torch.distributed.run" in cmd or "launch/torchrun.py" in cmd]
     ranks = [p for p, (_, cmd) in procs.items() if "train_ddp.py" in cmd and p not in agents]
     watchdogs = [p for p in ranks if procs[p][0] in ranks]       # forked by a rank
     workers = [p for p in ranks if p not in watchdogs]
