@@ -46,7 +46,7 @@ class PreemptionFlag:
     KillWait, or SIGKILL.
 
     A SIGINT reaches a worker once per Ctrl-C: a terminal signals its foreground process group (one process,
-    or torchrun, whose workers run in sessions of their own) and torchrun forwards it once. So after a
+    or torchrun, whose workers run in process groups of their own) and torchrun forwards it once. So after a
     SIGINT the next SIGINT - a second Ctrl-C - or SIGTERM - what torchrun sends its workers on a second
     Ctrl-C - stops the process at once: KeyboardInterrupt wherever it is (a checkpoint being written is left
     as it was: saves are atomic), and the default action for any signal after that."""

@@ -11,7 +11,7 @@
 # 2 when the pre-flight (train_ddp.py --check, launch/common.sh) found a mistake: one line, no worker started;
 # 1 when a worker failed; 128 + N when torchrun itself got signal N (it forwards it, waits for the workers to
 # checkpoint and exit, then prints "torchrun: stopped by SIGNAME ...": launch/torchrun.py). Ctrl-C is such a
-# signal: the terminal's SIGINT reaches torchrun (not the workers, each in a session of its own), torchrun
+# signal: the terminal's SIGINT reaches torchrun (not the workers, each in a process group of its own), torchrun
 # forwards it once, the workers checkpoint at an agreed step and print "interrupted (SIGINT) ... checkpoint
 # saved ...", and the launcher exits 130; a second Ctrl-C stops the workers at once.
 set -euo pipefail

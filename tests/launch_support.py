@@ -83,7 +83,7 @@ def descendants(pid: int) -> list[int]:
 
 def kill_group(p: subprocess.Popen) -> None:
     """Clean-up after a failed test: the process group AND every descendant (torchrun starts each worker in
-    a session of its own, out of reach of a signal to its group)."""
+    a process group of its own, out of reach of a signal to its group)."""
     for pid in [*descendants(p.pid), p.pid]:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -174,7 +174,7 @@ def test_ctrl_c_in_one_process_saves_at_a_step_a_second_one_stops_at_once_and_th
 
 def test_ctrl_c_under_local_sh_checkpoints_once_without_a_worker_traceback(digits, tmp_path):
     """Ctrl-C to launch/local.sh as a terminal sends it: SIGINT to the foreground process group, which holds
-    torchrun (local.sh execs it) but not the workers (torchrun starts each in a session of its own); torchrun
+    torchrun (local.sh execs it) but not the workers (torchrun starts each in a process group of its own); torchrun
     forwards it to each worker once. The workers save at one agreed step and exit 130; torchrun, signalled
     itself, then stops with one line (launch/torchrun.py) and the launcher exits 130: no traceback at all."""
     rc, seconds, text = signal_mid_epoch(digits, tmp_path, "int", lambda p: os.killpg(p.pid, signal.SIGINT))
