@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_json   # noqa: E402  (this folder, also when imported from tests)
+# this folder's common.py, also when imported from tests
+from common import markdown_table, stored_bytes, stored_size_columns, write_json   # noqa: E402
 
 MODEL_ONLY_STEPS = ("ceilings", "batch_512", "variants")
 TRAIN_THROUGHPUT_STEPS = ("end_to_end", *MODEL_ONLY_STEPS)
@@ -327,13 +328,9 @@ def stored_size_section(section: dict) -> list[str]:
     if r:
         s = r["settings"]
         out += ["", f"{s['num_images']} photos 500x375 q90 and their pipelines.resize copies (q{s['quality']}); "
-                    f"mean bytes per image: " + ", ".join(f"{k} {v / 1e3:.1f} KB" for k, v in r["bytes"].items())
-                + f"; the loaders alone on {s['device']}, batch {s['batch']}, median of {s['rounds']} alternating "
-                  f"rounds of {s['steps']} batches", "",
-                markdown_table(r.get("pipeline", []),
-                               (("loader", "loader"), ("stored", "stored shorter side"), ("res", "res"),
-                                ("img_s", "img/s"), ("rounds", "rounds (img/s)"),
-                                ("x_ref", f"x original @ {max(s['res'])}")))]
+                    f"mean bytes per image: {stored_bytes(r['bytes'])}; the loaders alone on {s['device']}, batch "
+                    f"{s['batch']}, median of {s['rounds']} alternating rounds of {s['steps']} batches", "",
+                markdown_table(r.get("pipeline", []), stored_size_columns(s["res"]))]
     return out + [""]
 
 

@@ -11,11 +11,12 @@ Benchmark scripts import it as ``from common import ...`` (a script's own folder
 * ``endless(loader)``: batches across epoch boundaries, set_epoch before each epoch.
 * ``interleave(fns, rounds)``: runs A B C A B C ... and returns each variant's list of results, so drift of the
   machine (clocks, other load) spreads over every variant instead of biasing the one that ran last.
+* ``stored_size_columns``, ``stored_bytes``: stored_size.py's table and sizes, also in run_gpu.sh's results.
 * ``markdown_table``, ``write_json`` (whole file replaced at once, so a reader never sees half).
 * ``record(section, text, path=RESULTS)``: appends ``text`` at the end of ``## section`` of RESULTS.md (the
   section and the file are created when missing); other sections are left byte for byte as they were.
-* ``publish(text, section, device, record_it)``: prints a script's tables, and records them under
-  ``section (GPU)`` or ``section (CPU)`` when asked (--record).
+* ``publish(text, section, record_it, device=None)``: prints a script's tables, and records them under
+  ``section`` when asked (--record), with `` (GPU)`` or `` (CPU)`` after it when a device is given.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 if TYPE_CHECKING:
     import torch
 
-# torch (and fdmobilenet, which imports it) load inside the functions that need them: collect_results.py
-# uses the table and file helpers every second while run_gpu.sh runs and should not pay torch's import each time.
+# torch (and fdmobilenet, which imports it) load inside the functions that need them: collect_results.py,
+# which run_gpu.sh re-runs within a second of every new row, imports only the table and file helpers.
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # The trainer's step line (fdmobilenet.logs.RunLogger.step, without a tty): epoch, step, img/s, data wait %
@@ -141,6 +142,18 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     return "\n".join([head, rule, *body])
 
 
+def stored_size_columns(resolutions: Sequence[int]) -> tuple[tuple[str, str], ...]:
+    """The columns of a stored_size.py row (loader x stored shorter side x training resolution), for its own
+    report and run_gpu.sh's (collect_results.py)."""
+    return (("loader", "loader"), ("stored", "stored shorter side"), ("res", "res"), ("img_s", "img/s"),
+            ("rounds", "rounds (img/s)"), ("x_ref", f"x original @ {max(resolutions)}"))
+
+
+def stored_bytes(per_image: dict[str, float]) -> str:
+    """stored_size.py's mean bytes on disk per image, one clause per stored size."""
+    return ", ".join(f"{k} {v / 1e3:.1f} KB" for k, v in per_image.items())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +162,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def publish(text: str, section: str, device: torch.device | str, record_it: bool) -> None:
+def publish(text: str, section: str, record_it: bool, device: torch.device | str | None = None) -> None:
     print("\n" + text, flush=True)
     if record_it:
-        record(f"{section} ({'GPU' if getattr(device, 'type', device) == 'cuda' else 'CPU'})", text)
+        kind = "" if device is None else f" ({'GPU' if getattr(device, 'type', device) == 'cuda' else 'CPU'})"
+        record(section + kind, text)
 
 
 def record(section: str, text: str, path: str | os.PathLike = RESULTS) -> None:

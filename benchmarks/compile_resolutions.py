@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from common import describe, environment, fill, markdown_table, record
+from common import describe, environment, fill, markdown_table, publish
 
 VARIANTS = ("eager", "off", "on", "auto")
 
@@ -151,12 +151,9 @@ def main() -> None:
             f"{args.steps} eval batches at {args.val_size}; median of {args.rounds} rounds (fresh process and "
             f"inductor cache per variant and round); load average after: "
             f"{' / '.join(map(str, meta['load_avg_after']))}\n\n{table}\n")
-    text = fill(text)
-    print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    if args.record:
-        record("torch.compile across training resolutions (CPU)", text)
+    publish(fill(text), "torch.compile across training resolutions", args.record, "cpu")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(results, (("variant", "loader"), ("images_per_s", "img/s"),
                                        ("rounds", "rounds (img/s)"), ("ratio_to_torchvision", "x torchvision"))
                              + ((("jpeg_engine_max_pct", "JPEG engines max %"),) if gpu else ())))
-    publish(text, SECTION, device, args.record)
+    publish(text, SECTION, args.record, device)
     return 0
 
 

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-from common import describe, environment, fill, markdown_table, record
+from common import describe, environment, fill, markdown_table, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,11 +130,8 @@ def main() -> None:
             f"batch {args.batch}, lr {args.lr} cosine, 1 warm-up epoch, RandomResizedCrop area {args.scale}, flip; one CPU "
             f"process, DALI CPU graph, {args.threads} threads; seeds {args.seeds} (values per seed, in that order); "
             f"test: shorter side size / 0.875, centre crop; load average after: {load}\n\n{table}\n")
-    text = fill(text)
-    print(text)
     Path(args.out, "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    if args.record:
-        record("Training-resolution schedule: accuracy on a small photo set (CPU)", text)
+    publish(fill(text), "Training-resolution schedule: accuracy on a small photo set", args.record, "cpu")
 
 
 if __name__ == "__main__":

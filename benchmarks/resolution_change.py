@@ -20,7 +20,7 @@ from statistics import median
 
 import torch
 
-from common import describe, environment, fill, markdown_table, record
+from common import describe, environment, fill, markdown_table, publish
 from fdmobilenet.config import ResolutionRamp, load_experiment
 from pipelines import build_loader
 
@@ -77,10 +77,7 @@ def main() -> None:
     text = (f"{describe(meta)}\n\nDALI CPU graph, {args.threads} threads, batch {args.batch}, imagenet-aggressive "
             f"augmentation over {args.data}; median of {args.rounds} alternating rounds; load average after: "
             f"{load}\n\n{table}\n")
-    text = fill(text)
-    print(text)
-    if args.record:
-        record("Training-resolution schedule", text)
+    publish(fill(text), "Training-resolution schedule", args.record)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ from statistics import median
 
 import torch
 
-from common import describe, environment, interleave, markdown_table, publish, write_json
+from common import (describe, environment, interleave, markdown_table, publish, stored_bytes, stored_size_columns,
+                    write_json)
 from fdmobilenet.config import load_family
 from pipeline_throughput import default_data_root, timed_rounds
 from pipelines import manifest, resolve_loader_defaults
@@ -177,17 +178,16 @@ def stage_pipeline(data, files: list[str], stage: str, size: int, batch: int, th
     decode, the resize to ``size`` x ``size``, crop_mirror_normalize - with the same data settings."""
     from nvidia.dali import fn, pipeline_def, types
 
+    from pipelines.dali import normalise, random_crop_decode
+
     @pipeline_def
     def graph():
         jpegs, _ = fn.readers.file(files=files, random_shuffle=True)
-        images = fn.decoders.image_random_crop(jpegs, random_area=list(data.scale),
-                                               random_aspect_ratio=list(data.ratio), output_type=types.RGB)
+        images = random_crop_decode(jpegs, data, dict(device="cpu", output_type=types.RGB))
         if stage != STAGES[0]:
             images = fn.resize(images, resize_x=size, resize_y=size)
         if stage == STAGES[2]:
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                              mean=[255.0 * m for m in data.mean], std=[255.0 * s for s in data.std],
-                                              mirror=fn.random.coin_flip(probability=0.5))
+            images = normalise(images, data, types.FLOAT, mirror=True)
         return images
 
     # synchronous: each run() computes its own batch, so no batch prepared while another variant ran is timed
@@ -301,16 +301,14 @@ def chart(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    cols = (("loader", "loader"), ("stored", "stored shorter side"), ("res", "res"), ("img_s", "img/s"),
-            ("rounds", "rounds (img/s)"), ("x_ref", f"x original @ {max(s['res'])}"))
+    cols = stored_size_columns(s["res"])
     # RESULTS.md keeps its lines under 200 characters: one clause per line (markdown joins them)
-    sizes = ", ".join(f"{k} {v / 1e3:.1f} KB" for k, v in result["bytes"].items())
     lines = [describe(result["environment"]).replace(" · device:", " ·\ndevice:"), "",
              f"load average after: {' / '.join(map(str, result['load_avg_after']))} ·",
              f"{s['num_images']} training photos {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} q90 (pipelines.photo_set) and their "
              f"copies by pipelines.resize (q{s['quality']}) ·",
              f"batch {s['batch']} · {s['threads']} DALI threads / DataLoader workers · device {s['device']}", "",
-             f"Bytes on disk per image: {sizes}", "",
+             f"Bytes on disk per image: {stored_bytes(result['bytes'])}", "",
              "Pipeline alone (imagenet-aggressive train pipeline at res;",
              f"median of {s['rounds']} alternating rounds x {s['steps']} batches after {s['warmup']} warm-up "
              f"batches):", "", markdown_table(result["pipeline"], cols)]
@@ -381,7 +379,7 @@ def main(argv=None) -> int:
     chart(result, args.out / "stored_size.png")
     text = markdown(result)
     (args.out / "stored_size.md").write_text(text + "\n")
-    publish(text, SECTION, args.device, args.record)
+    publish(text, SECTION, args.record, args.device)
     return 0
 
 

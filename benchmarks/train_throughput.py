@@ -603,7 +603,7 @@ def main(argv=None) -> int:
         text = report_markdown(result)
         if args.md:
             Path(args.md).write_text(text + "\n")
-        publish(text, "Training throughput", info.device, args.record)
+        publish(text, "Training throughput", args.record, info.device)
     return 1 if result["errors"] else 0
 
 

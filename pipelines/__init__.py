@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fdmobilenet.cli import DataError
 from pipelines.defaults import resolve_loader_defaults
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ def build_loader(data: DataConfig, split: str, batch_size: int, *, rank: int = 0
     file itself. ``data.num_classes: auto`` is the number of classes of ``split`` here
     (pipelines.splits.resolve_classes); the trainer resolves it once, from the train split.
     """
-    from fdmobilenet.cli import DataError
     from pipelines.base import check_split_name
     from pipelines.splits import check_split, resolve_classes
     check_split_name(split)

@@ -108,9 +108,7 @@ def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, nu
                       preallocate_height_hint=data.preallocate_height_hint)
     crop = {}
     if train and data.train_crop == "random_resized":
-        images = fn.decoders.image_random_crop(jpegs, random_area=list(data.scale),
-                                               random_aspect_ratio=list(data.ratio), **decode)
-        images = fn.resize(images, resize_x=size, resize_y=size)
+        images = fn.resize(random_crop_decode(jpegs, data, decode), resize_x=size, resize_y=size)
     elif train:
         images = fn.resize(fn.decoders.image(jpegs, **decode), resize_shorter=data.train_resize)
         crop = dict(crop=(size, size), crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
@@ -120,11 +118,22 @@ def image_pipeline(data: DataConfig, train: bool, device: str, shard_id: int, nu
         crop = dict(crop=(data.val_crop, data.val_crop))          # centred: crop_pos defaults to 0.5
     if train and data.color_jitter:
         images = color_jitter(images, *data.color_jitter)
-    images = fn.crop_mirror_normalize(
+    images = normalise(images, data, out_dtype, mirror=train and data.hflip, **crop)
+    return images, (label.gpu() if device == "gpu" else label)
+
+
+def random_crop_decode(jpegs, data: DataConfig, decode: dict):
+    """RandomResizedCrop's window (area data.scale, aspect data.ratio), decoded alone (DALI's ROI decode)."""
+    return fn.decoders.image_random_crop(jpegs, random_area=list(data.scale), random_aspect_ratio=list(data.ratio),
+                                         **decode)
+
+
+def normalise(images, data: DataConfig, out_dtype, mirror: bool, **crop):
+    """Crop (when given), flip at random when ``mirror``, (x - mean) / std in ``out_dtype``, HWC."""
+    return fn.crop_mirror_normalize(
         images, dtype=out_dtype, output_layout="HWC",
         mean=[255.0 * m for m in data.mean], std=[255.0 * s for s in data.std],
-        mirror=fn.random.coin_flip(probability=0.5) if train and data.hflip else 0, **crop)
-    return images, (label.gpu() if device == "gpu" else label)
+        mirror=fn.random.coin_flip(probability=0.5) if mirror else 0, **crop)
 
 
 def hand_over_on_current_stream(pipe, device: torch.device) -> None:
