@@ -154,13 +154,17 @@ def test_values_named_in_the_file_names():
             (int(step), float(gamma)), path
 
 
+def assert_composes(exp, data: str, model: str, optim: str, sched: str) -> None:
+    """Experiment ``exp`` is these four family files, each as load_family reads it."""
+    assert (exp.data, exp.model, exp.optim, exp.sched) == (
+        load_family("data", data), load_family("model", model), load_family("optim", optim),
+        load_family("sched", sched))
+
+
 @pytest.mark.parametrize("width", ["1x", "0.5x", "0.25x"])
 def test_paper_experiments_compose_the_paper_recipe(width):
     exp = load_experiment(f"{width}-FDMobileNet-224")
-    assert exp.data == load_family("data", "imagenet-aggressive")
-    assert exp.model == load_family("model", f"{width}-FDMobileNet-224")
-    assert exp.optim == load_family("optim", "SGD-120-nesterov")
-    assert exp.sched == load_family("sched", "StepLR-30-0.1")
+    assert_composes(exp, "imagenet-aggressive", f"{width}-FDMobileNet-224", "SGD-120-nesterov", "StepLR-30-0.1")
     assert (exp.train.label, exp.train.output_dir, exp.train.print_freq) == (f"{width}-FDMobileNet-224",
                                                                            "checkpoints", 100)
 
@@ -181,13 +185,12 @@ def test_the_papers_experiments_have_imagenets_1000_classes_on_its_tree(tmp_path
             assert data == dataclasses.replace(exp.data, num_classes=1000)
             assert str(classes) == f"1000 classes (class folders in {tmp_path / 'train'})"
             assert classes.names == [f"n{k:08d}" for k in range(1000)]
+
+
 @pytest.mark.parametrize("width", ["1x", "0.5x", "0.25x"])
 def test_fast_experiments_compose_the_fast_recipe_and_say_it_is_unmeasured(width):
     exp = load_experiment(f"{width}-FDMobileNet-fast")
-    assert exp.data == load_family("data", "imagenet-aggressive-fast")
-    assert exp.model == load_family("model", f"{width}-FDMobileNet-224")
-    assert exp.optim == load_family("optim", "SGD-32-nesterov-bs1024")
-    assert exp.sched == load_family("sched", "Cosine")
+    assert_composes(exp, "imagenet-aggressive-fast", f"{width}-FDMobileNet-224", "SGD-32-nesterov-bs1024", "Cosine")
     assert exp.train.label == f"{width}-FDMobileNet-fast"
     assert "ImageNet accuracy\n# has NOT been measured" in (CONFIG_DIR / "experiments" /
                                                              f"{width}-FDMobileNet-fast.yaml").read_text()
